@@ -1,0 +1,27 @@
+"""Package version plus the git SHA of the source tree, stored with every run and manifest."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from pathlib import Path
+
+from histodist import __version__
+
+
+@functools.cache
+def version_string() -> str:
+    """`0.1.0` or `0.1.0+g<sha>[.dirty]` when running from a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha}" + (".dirty" if dirty else "")

@@ -1,0 +1,39 @@
+"""Test configuration: CPU only, offline, small thread counts, real data by relative path."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline before anything imports huggingface_hub or wandb: a pretrained=True call would
+# otherwise hang about a minute before failing, and wandb must never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+PCAM_JPEG = SHARED_DATA / "pcam-jpeg"
+KAGGLE_MINI = SHARED_DATA / "kaggle-hcd-mini"
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dir(tmp_path, monkeypatch):
+    """Every test writes wandb's offline runs into its own temporary folder."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def pcam_jpeg() -> Path:
+    if not PCAM_JPEG.is_dir():
+        pytest.skip(f"real data absent: {PCAM_JPEG}")
+    return PCAM_JPEG
+
+
+@pytest.fixture(scope="session")
+def kaggle_mini() -> Path:
+    if not KAGGLE_MINI.is_dir():
+        pytest.skip(f"real data absent: {KAGGLE_MINI}")
+    return KAGGLE_MINI
