@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m histodist.bench <suite> [options]`. Each suite is a module with main(argv)."""
