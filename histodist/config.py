@@ -1,0 +1,419 @@
+"""One configuration tree for training: dataclasses, dataset presets, YAML and CLI parsing.
+
+Precedence: field defaults < dataset preset (`--dataset`) < `--config file.yaml` < CLI flags.
+Every field is one flag (`batch_size` -> `--batch-size`) whose help text is the field's
+`help` metadata, so `--help` documents every option. Unknown flags and YAML keys are errors.
+Imports no torch, so `--help` is instant and the config can be read anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad option value, YAML key or preset; the message names the option and the fix."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
+    """A config field: its default, its `--help` text and optional allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_choices(obj: Any) -> None:
+    for f in fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            flag = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt(
+        "pcam",
+        "dataset preset: sets shards, classes, input size, augmentation, metric",
+        choices=("pcam", "kaggle-hcd", "idc", "breakhis", "ham10000", "folder"),
+    )
+    shards: str = opt("shards/pcam", "shard folder or URL base (holds manifest.json)")
+    num_classes: int = opt(2, "number of classes; 0 = take it from the manifest")
+    image_size: int = opt(96, "model input size in pixels (square); 0 = the manifest's image size")
+    train_split: str = opt("train", "split to train on")
+    valid_split: str = opt("valid", "split to validate on every epoch")
+    workers: int = opt(4, "data-loading worker processes per rank (decode only)")
+    shuffle_buffer: int = opt(2000, "samples in the streaming shuffle buffer")
+    resample: bool = opt(True, "draw training shards with replacement (seeded by epoch and rank)")
+    skip_bad_shards: bool = opt(False, "skip unreadable shards instead of failing")
+    cache_dir: str | None = opt(None, "local cache folder for remote shards")
+    class_balance: str = opt(
+        "none",
+        "class imbalance handling: class-weighted loss, or "
+        "class-balanced resampling within each batch",
+        choices=("none", "loss", "sampler"),
+    )
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ConfigError(f"--num-classes {self.num_classes}: use 0 (from manifest) or >= 2")
+        if self.image_size < 0:
+            raise ConfigError(f"--image-size {self.image_size}: must be >= 0")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    augment: str = opt(
+        "pcam",
+        "augmentation preset of histodist.augment.PRESETS",
+        choices=("pcam", "idc", "breakhis", "ham10000", "none"),
+    )
+    normalize: str = opt(
+        "manifest",
+        "normalisation statistics: the shards' manifest mean/std or "
+        "the model's pretraining mean/std",
+        choices=("manifest", "model"),
+    )
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(
+        "resnet18",
+        "any timm model name, an 'a+b' pair (xception41+nasnetalarge), "
+        "resnet50-dense, resnet152-dense or small-cnn",
+    )
+    pretrained: bool = opt(False, "start from timm's hub weights (needs network or HF cache)")
+    weights: str | None = opt(
+        None,
+        "local weights: timm/torchvision state dict, .safetensors, "
+        "or a histodist checkpoint folder",
+    )
+    drop_rate: float = opt(0.0, "dropout before the classifier")
+    freeze_epochs: int = opt(0, "train only the head for this many epochs, then unfreeze")
+    channels_last: bool = opt(True, "channels_last memory format (faster convolutions on GPU)")
+    compile: bool = opt(False, "torch.compile the model")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"--drop-rate {self.drop_rate}: must be in [0, 1)")
+        if self.freeze_epochs < 0:
+            raise ConfigError(f"--freeze-epochs {self.freeze_epochs}: must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float = opt(
+        1e-3, "peak learning rate (of the head; the backbone gets lr x --backbone-lr-scale)"
+    )
+    weight_decay: float = opt(0.05, "weight decay (never applied to norms and biases)")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum for SGD")
+    backbone_lr_scale: float = opt(1.0, "learning-rate factor for the backbone (discriminative lr)")
+    layer_decay: float = opt(1.0, "layer-wise lr decay for timm models (1.0 = off, e.g. 0.75)")
+    schedule: str = opt(
+        "cosine",
+        "learning-rate schedule, stepped every optimizer step",
+        choices=("cosine", "onecycle", "constant"),
+    )
+    warmup_epochs: float = opt(1.0, "linear warmup length for the cosine schedule, in epochs")
+    min_lr_ratio: float = opt(0.01, "final lr as a fraction of the peak lr")
+    batch_size: int = opt(128, "batch size per process")
+    accum_steps: int = opt(1, "gradient accumulation steps per optimizer step")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0 = off)")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    ema: float = opt(0.0, "EMA decay of the weights (0 = off, e.g. 0.999); evaluation uses the EMA")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        for name in ("lr", "batch_size", "accum_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"--layer-decay {self.layer_decay}: must be in (0, 1]")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "training epochs")
+    seed: int = opt(0, "random seed (model init, data order, augmentation)")
+    deterministic: bool = opt(False, "deterministic algorithms (bitwise-reproducible on CPU)")
+    precision: str = opt(
+        "auto",
+        "mixed precision; auto = the accelerate launch config, else no",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+    runs_dir: str = opt("runs", "parent folder of run folders")
+    run_name: str | None = opt(None, "run folder name (default: <dataset>-<model>)")
+    resume: bool = opt(
+        False, "continue from the run folder's last checkpoint (fresh start if none)"
+    )
+    metric: str = opt(
+        "auc",
+        "validation metric that selects the best checkpoint (higher is better)",
+        choices=("auc", "accuracy", "balanced_accuracy", "f1", "neg_loss"),
+    )
+    eval_every: int = opt(
+        0, "validate every N optimizer steps as well as every epoch (0 = epochs only)"
+    )
+    checkpoint_every: int = opt(
+        0, "also save checkpoints/last every N optimizer steps (0 = epochs only)"
+    )
+    keep_last: int = opt(2, "full training states kept: last plus older step-* folders")
+    patience: int = opt(0, "early stopping: validations without improvement (0 = off)")
+    max_bad_steps: int = opt(5, "stop after this many consecutive NaN/inf losses")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs {self.epochs}: must be > 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"--keep-last {self.keep_last}: must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = opt(
+        "auto",
+        "W&B mode; auto = online with an API key, otherwise offline",
+        choices=("auto", "online", "offline", "disabled"),
+    )
+    project: str = opt("histodist", "W&B project")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    log_every: int = opt(20, "log loss / lr / throughput every N optimizer steps")
+    log_images: bool = opt(
+        True, "log a grid of augmented inputs, the ROC curve and confusion matrix"
+    )
+    progress: bool = opt(True, "tqdm progress bar on the main process")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "log": LogConfig,
+}
+
+# Dataset presets: only what differs from the defaults. Binary sets select by AUC; HAM10000
+# (7 classes, ~67% `nv`) selects by balanced accuracy and weights the loss by class.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "pcam": {
+        "data": {"shards": "shards/pcam", "num_classes": 2, "image_size": 96},
+        "augment": {"augment": "pcam"},
+        "train": {"metric": "auc"},
+    },
+    "kaggle-hcd": {
+        "data": {"shards": "shards/kaggle-hcd", "num_classes": 2, "image_size": 96},
+        "augment": {"augment": "pcam"},
+        "train": {"metric": "auc"},
+    },
+    "idc": {
+        "data": {
+            "shards": "shards/idc",
+            "num_classes": 2,
+            "image_size": 50,
+            "class_balance": "loss",
+        },
+        "augment": {"augment": "idc"},
+        "train": {"metric": "auc"},
+    },
+    "breakhis": {
+        "data": {"shards": "shards/breakhis", "num_classes": 2, "image_size": 224},
+        "augment": {"augment": "breakhis"},
+        "train": {"metric": "auc"},
+    },
+    "ham10000": {
+        "data": {
+            "shards": "shards/ham10000",
+            "num_classes": 7,
+            "image_size": 224,
+            "class_balance": "loss",
+        },
+        "augment": {"augment": "ham10000"},
+        "train": {"metric": "balanced_accuracy"},
+    },
+    "folder": {
+        "data": {"shards": "shards/folder", "num_classes": 0, "image_size": 0},
+        "augment": {"augment": "pcam"},
+        "train": {"metric": "auc"},
+    },
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> type:
+    """`int`, `str | None` -> the concrete type argparse converts with."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def build_parser(prog: str = "histodist.train") -> argparse.ArgumentParser:
+    """One flag per config field, grouped by section; defaults are SUPPRESSed so that only
+    flags given on the command line override the preset and YAML layers."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+        description="Train a classifier on histodist shards. Precedence: defaults < --dataset "
+        "preset < --config YAML < flags.",
+    )
+    p.add_argument("--config", help="YAML file with sections data/augment/model/optim/train/log")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp = _base_type(hints[f.name])
+            kw: dict[str, Any] = {
+                "help": f"{f.metadata['help']} (default: {f.default})",
+                "dest": f"{section}.{f.name}",
+            }
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = tp
+                kw["metavar"] = f.name.upper()
+                if f.metadata.get("choices"):
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(_flag(f.name), **kw)
+    return p
+
+
+def _merge(base: dict, layer: dict, where: str) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping")
+        known = {f.name for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key {section}.{key}; see --help")
+            out[section][key] = value
+    return out
+
+
+def from_dict(d: dict, where: str = "config") -> Config:
+    """Build and validate a Config from nested section dicts (missing keys take defaults)."""
+    merged = _merge({s: {} for s in SECTIONS}, d, where)
+    try:
+        return Config(**{s: SECTIONS[s](**v) for s, v in merged.items()})
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read YAML config ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def resolve(argv: list[str] | None = None) -> Config:
+    """defaults < preset < YAML < flags. Raises SystemExit(2) on unknown flags (argparse)."""
+    ns = vars(build_parser().parse_args(argv))
+    yaml_layer = _read_yaml(ns.pop("config")) if "config" in ns else {}
+    flags: dict[str, dict] = {}
+    for dest, value in ns.items():
+        section, key = dest.split(".")
+        flags.setdefault(section, {})[key] = value
+    dataset = (
+        flags.get("data", {}).get("dataset")
+        or yaml_layer.get("data", {}).get("dataset")
+        or DataConfig.dataset
+    )
+    if dataset not in PRESETS:
+        raise ConfigError(f"--dataset {dataset!r}: choose one of {', '.join(PRESETS)}")
+    layers = _merge({s: {} for s in SECTIONS}, {"data": {"dataset": dataset}}, "preset")
+    layers = _merge(layers, PRESETS[dataset], f"preset {dataset}")
+    layers = _merge(layers, yaml_layer, "--config")
+    layers = _merge(layers, flags, "flags")
+    return from_dict(layers)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The training CLI's config. `argv` excludes the program name."""
+    return resolve(argv)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read a resolved config written by save_config (a run's `config.yaml`)."""
+    return from_dict(_read_yaml(path), str(path))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the config as YAML atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of `cfg` with some fields changed: replace(cfg, data={"num_classes": 7})."""
+    return from_dict(_merge(cfg.to_dict(), sections, "replace"))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "AugmentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LogConfig",
+    "PRESETS",
+    "build_parser",
+    "parse_args",
+    "load_config",
+    "save_config",
+    "from_dict",
+    "replace",
+]
