@@ -1,0 +1,362 @@
+"""Evaluation metrics and figures over gathered predictions (numpy in, plain Python out).
+
+Everything here is a pure function of ``probs`` (float (N, C), rows sum to 1) and ``labels``
+(int (N,)) held on the CPU as numpy arrays; the CLIs gather them across ranks first. The
+numbers come from scikit-learn and torchmetrics; this module only chooses, combines and plots.
+Figures use matplotlib's Agg backend so nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ECE_BINS = 15  # the usual choice since Guo et al. 2017; enough bins for ~1k samples
+
+
+def youden_threshold(p_pos: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold on P(class 1) maximising sensitivity + specificity - 1 (Youden's J).
+
+    Choose it on the validation split and apply it to the test split; on a split with one
+    class only, J is undefined and 0.5 is returned.
+    """
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(labels, p_pos)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thr[best], 1.0))  # sklearn's first threshold is +inf
+
+
+def bootstrap_auc_ci(
+    p_pos: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) confidence interval of the ROC AUC.
+
+    Resamples cases with replacement from a seeded generator, so the interval is reproducible;
+    resamples holding a single class are skipped. Returns (nan, nan) when none is usable.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    aucs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        y = labels[idx]
+        if y.min() == y.max():
+            continue
+        aucs.append(roc_auc_score(y, p_pos[idx]))
+    if not aucs:
+        return math.nan, math.nan
+    lo, hi = np.percentile(aucs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error (L1, equal-width bins).
+
+    Binary: of P(class 1) against the fraction of positives; multi-class: of the top-label
+    confidence against accuracy (torchmetrics' definitions).
+    """
+    import torch
+    from torchmetrics.functional.classification import (
+        binary_calibration_error,
+        multiclass_calibration_error,
+    )
+
+    p = torch.as_tensor(np.ascontiguousarray(probs), dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if p.shape[1] == 2:
+        return float(binary_calibration_error(p[:, 1].contiguous(), y, n_bins=n_bins))
+    return float(multiclass_calibration_error(p, y, num_classes=p.shape[1], n_bins=n_bins))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (probabilities clipped at 1e-12)."""
+    p_true = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
+
+
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence, observed frequency, count) per bin, as ``calibration_error`` bins them."""
+    if probs.shape[1] == 2:
+        conf, hit = probs[:, 1], (labels == 1).astype(float)
+    else:
+        conf, hit = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, conf, n_bins) / count
+        freq = np.bincount(idx, hit, n_bins) / count
+    return mean_conf, freq, count
+
+
+def _at_threshold(p_pos: np.ndarray, labels: np.ndarray, t: float) -> dict[str, float]:
+    """Sensitivity and specificity of ``p_pos >= t``."""
+    pred = p_pos >= t
+    pos, neg = labels == 1, labels == 0
+    sens = float(pred[pos].mean()) if pos.any() else math.nan
+    spec = float((~pred[neg]).mean()) if neg.any() else math.nan
+    return {"threshold": float(t), "sensitivity": sens, "specificity": spec}
+
+
+def binary_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    youden: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Binary report: accuracy, AUC [95% CI], balanced accuracy, F1, NLL, ECE, sens/spec.
+
+    ``youden``: threshold chosen on the validation split; computed on this set when None.
+    """
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    p_pos = probs[:, 1]
+    pred = (p_pos >= 0.5).astype(int)
+    two = len(np.unique(labels)) == 2
+    lo, hi = bootstrap_auc_ci(p_pos, labels, n_boot=n_boot, seed=seed) if two else (math.nan,) * 2
+    t = youden_threshold(p_pos, labels) if youden is None else youden
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        "auc": float(roc_auc_score(labels, p_pos)) if two else math.nan,
+        "auc_ci95": [lo, hi],
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "f1": float(f1_score(labels, pred, zero_division=0)),
+        "nll": nll(probs, labels),
+        "ece": calibration_error(probs, labels),
+        "at_0.5": _at_threshold(p_pos, labels, 0.5),
+        "at_youden": {
+            **_at_threshold(p_pos, labels, t),
+            "chosen_on": "self" if youden is None else "given",
+        },
+        "confusion": _confusion(labels, pred, 2),
+    }
+
+
+def _confusion(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> list[list[int]]:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, pred, labels=list(range(n_classes))).tolist()
+
+
+def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
+    """Multi-class report: per-class P/R/F1, macro and weighted F1, balanced accuracy,
+    one-vs-rest macro AUC (over the classes present in ``labels``), NLL, ECE, confusion matrix."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    c = len(classes)
+    pred = probs.argmax(1)
+    p, r, f, s = precision_recall_fscore_support(
+        labels, pred, labels=list(range(c)), zero_division=0
+    )
+    present = [k for k in range(c) if (labels == k).any() and not (labels == k).all()]
+    aucs = [roc_auc_score(labels == k, probs[:, k]) for k in present]
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "macro_f1": float(np.mean(f)),
+        "weighted_f1": float(np.average(f, weights=s)) if s.sum() else math.nan,
+        "auc_ovr_macro": float(np.mean(aucs)) if aucs else math.nan,
+        "nll": nll(probs, labels),
+        "ece": calibration_error(probs, labels),
+        "per_class": {
+            name: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(s[k]),
+            }
+            for k, name in enumerate(classes)
+        },
+        "confusion": _confusion(labels, pred, c),
+    }
+
+
+def classification_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    *,
+    youden: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """``binary_metrics`` for two classes, ``multiclass_metrics`` otherwise."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(classes) == 2:
+        return binary_metrics(probs, labels, youden=youden, n_boot=n_boot, seed=seed)
+    return multiclass_metrics(probs, labels, classes)
+
+
+def aggregate_groups(
+    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str | None], how: str = "mean"
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Patient / lesion / slide-level predictions from patch-level ones.
+
+    ``how``: "mean" averages the patches' probabilities; "max" takes, per class, the largest
+    and renormalises (binary: the slide is as positive as its most positive patch). The group
+    label is the largest patch label for two classes (a slide with any tumour patch is
+    positive) and the most frequent one otherwise. Rows whose group is None are left out.
+    Returns (ids sorted, probs (G, C), labels (G,)).
+    """
+    if how not in ("mean", "max"):
+        raise ValueError(f"group aggregation must be 'mean' or 'max', not {how!r}")
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g is not None and g != "":
+            rows.setdefault(str(g), []).append(i)
+    ids = sorted(rows)
+    c = probs.shape[1]
+    out_p = np.zeros((len(ids), c))
+    out_y = np.zeros(len(ids), dtype=np.int64)
+    for j, g in enumerate(ids):
+        idx = np.asarray(rows[g])
+        p = probs[idx]
+        out_p[j] = p.mean(0) if how == "mean" else p.max(0) / p.max(0).sum()
+        y = labels[idx]
+        out_y[j] = y.max() if c == 2 else np.bincount(y, minlength=c).argmax()
+    return ids, out_p, out_y
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    """A short fixed-width table of the headline numbers of a report."""
+    keys = [
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "f1",
+        "macro_f1",
+        "weighted_f1",
+        "auc_ovr_macro",
+        "nll",
+        "ece",
+    ]
+    lines = [title] if title else []
+    for k in keys:
+        if k not in metrics:
+            continue
+        v = metrics[k]
+        text = f"{v:d}" if isinstance(v, int) else f"{v:.4f}"
+        if k == "auc" and "auc_ci95" in metrics:
+            lo, hi = metrics["auc_ci95"]
+            text += f"  [95% CI {lo:.4f}, {hi:.4f}]"
+        lines.append(f"  {k:<18} {text}")
+    for name in ("at_0.5", "at_youden"):
+        if name in metrics:
+            m = metrics[name]
+            lines.append(
+                f"  sens/spec {name:<8} {m['sensitivity']:.4f} / {m['specificity']:.4f}"
+                f"  (t={m['threshold']:.3f})"
+            )
+    return "\n".join(lines)
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write through a temporary name so a crash never leaves half a PNG."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], path) -> Path:
+    """ROC curve (binary) or one-vs-rest curves per class (multi-class)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    targets = [1] if len(classes) == 2 else range(len(classes))
+    for k in targets:
+        y = labels == k
+        if y.all() or not y.any():
+            continue
+        fpr, tpr, _ = roc_curve(y, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{classes[k]} (AUC {roc_auc_score(y, probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path) -> Path:
+    """Confusion matrix (rows true, columns predicted) with counts written in the cells."""
+    plt = _figure()
+    cm = np.asarray(confusion)
+    size = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            color="white" if v > cm.max() / 2 else "black",
+            fontsize=9,
+        )
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45)
+    ax.set_yticks(ticks, classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, n_bins: int = ECE_BINS) -> Path:
+    """Reliability diagram: observed frequency against mean confidence per bin, with counts."""
+    plt = _figure()
+    conf, freq, count = reliability_bins(probs, labels, n_bins)
+    ok = count > 0
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.plot(conf[ok], freq[ok], "o-", label=f"model (ECE {calibration_error(probs, labels):.3f})")
+    ax2 = ax.twinx()
+    ax2.bar((np.arange(n_bins) + 0.5) / n_bins, count, width=1 / n_bins, alpha=0.2, color="grey")
+    ax2.set_ylabel("samples per bin")
+    what = "P(class 1)" if probs.shape[1] == 2 else "top-label confidence"
+    ax.set(xlabel=what, ylabel="observed frequency", title="reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
