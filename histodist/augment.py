@@ -1,0 +1,401 @@
+"""Batched tensor augmentation on the device (CUDA when present, CPU otherwise).
+
+Every random op is a pure function `op(x, gen, **params) -> x` over float32 (B,C,H,W) images in
+[0, 1] on one device. Per-sample parameters are drawn from the explicit `torch.Generator`
+`gen` (which must live on x's device), so the same seed gives the same augmented batch and
+different samples of a batch get different parameters. No per-sample Python loops, no I/O.
+
+A pipeline is data: a list of {"op": name, **params} (see PRESETS), so configs compose their
+own in YAML; `build(spec, out_size=..., mean=..., std=...)` turns it into an `Augment` that
+maps uint8 batches to normalised float32 batches of the model's input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
+    """(n,) float32 uniform in [lo, hi) on the generator's device."""
+    return torch.rand(n, generator=gen, device=gen.device) * (hi - lo) + lo
+
+
+def _coin(gen: torch.Generator, n: int, p: float) -> Tensor:
+    """(n,) bool, True with probability p."""
+    return torch.rand(n, generator=gen, device=gen.device) < p
+
+
+def _per_sample(mask: Tensor) -> Tensor:
+    return mask.view(-1, 1, 1, 1)
+
+
+def _range(v: float | Sequence[float], centre: float = 0.0) -> tuple[float, float]:
+    """A scalar v means [centre - v, centre + v]; a pair is taken as is."""
+    if isinstance(v, (int, float)):
+        return centre - float(v), centre + float(v)
+    lo, hi = v
+    return float(lo), float(hi)
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float input is returned as float32 unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or float [0, 1] (B,C,H,W) -> float32 (x - mean) / std, per channel."""
+    x = to_float(x)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Bilinear resize (antialiased when shrinking) of float (B,C,H,W) to size."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def centre_crop(x: Tensor, fraction: float = 1.0) -> Tensor:
+    """Central crop keeping `fraction` of each side (deterministic)."""
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top : top + ch, left : left + cw]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """Element k (0..7) of the dihedral group: rotate by 90*(k % 4) degrees, then mirror
+    left-right when k >= 4. Deterministic, for test-time augmentation; square images only
+    for odd rotations."""
+    y = torch.rot90(x, k % 4, dims=(-2, -1))
+    return y.flip(-1) if k >= 4 else y
+
+
+def random_dihedral(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Per sample a uniform element of the dihedral group (tissue has no orientation):
+    independent left-right flip, up-down flip and (square images) transpose."""
+    b = x.shape[0]
+    x = torch.where(_per_sample(_coin(gen, b, 0.5)), x.flip(-1), x)
+    x = torch.where(_per_sample(_coin(gen, b, 0.5)), x.flip(-2), x)
+    t = _coin(gen, b, 0.5)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.where(_per_sample(t), x.transpose(-1, -2), x)
+    return x
+
+
+def _sample_grid(x: Tensor, theta: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """One batched grid_sample of x through per-sample 2x3 theta, reflection padding."""
+    h, w = size or tuple(x.shape[-2:])
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_affine(
+    x: Tensor,
+    gen: torch.Generator,
+    rotate: float = 0.0,
+    scale: float | Sequence[float] = 0.0,
+    shear: float = 0.0,
+    translate: float = 0.0,
+    p: float = 1.0,
+) -> Tensor:
+    """Per-sample rotation (degrees, +-rotate), zoom (scale: +-fraction or (lo, hi) factors),
+    shear (degrees, +-shear), translation (+-fraction of the side), reflect padding."""
+    b = x.shape[0]
+    ang = torch.deg2rad(_uniform(gen, b, -rotate, rotate))
+    sh = torch.deg2rad(_uniform(gen, b, -shear, shear))
+    lo, hi = _range(scale, 1.0) if isinstance(scale, (int, float)) else _range(scale)
+    zoom = _uniform(gen, b, lo, hi)
+    tx, ty = (_uniform(gen, b, -translate, translate) * 2 for _ in range(2))  # grid units
+    on = _coin(gen, b, p)
+    ang, sh = ang * on, sh * on
+    zoom, tx, ty = torch.where(on, zoom, 1.0), tx * on, ty * on
+    # theta maps output to input coordinates: inverse zoom so zoom > 1 magnifies.
+    cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
+    a = torch.stack([cos, -sin + cos * tan, tx, sin, cos + sin * tan, ty], 1).view(b, 2, 3)
+    a[:, :, :2] /= zoom.view(b, 1, 1)
+    return _sample_grid(x, a)
+
+
+def random_resized_crop(
+    x: Tensor,
+    gen: torch.Generator,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    size: int | None = None,
+) -> Tensor:
+    """Per sample a crop of area fraction in `scale` and aspect ratio in `ratio` (log-uniform)
+    at a random position, resized to size (default: the input size) in one grid_sample."""
+    b = x.shape[0]
+    area = _uniform(gen, b, *scale)
+    logr = _uniform(gen, b, math.log(ratio[0]), math.log(ratio[1]))
+    cw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)
+    ch = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx = (torch.rand(b, generator=gen, device=gen.device) * 2 - 1) * (1 - cw)
+    cy = (torch.rand(b, generator=gen, device=gen.device) * 2 - 1) * (1 - ch)
+    zero = torch.zeros_like(cw)
+    theta = torch.stack([cw, zero, cx, zero, ch, cy], 1).view(b, 2, 3)
+    out = (size, size) if isinstance(size, int) else None
+    return _sample_grid(x, theta, out)
+
+
+# ----------------------------------------------------------------------------- colour
+
+# Ruifrok & Johnston stain vectors, as in skimage.color.rgb2hed.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_LOG_ADJUST = math.log(1e-6)
+
+
+def rgb_to_hed(x: Tensor) -> Tensor:
+    """float RGB [0, 1] (B,3,H,W) -> haematoxylin/eosin/DAB stain densities (B,3,H,W), like
+    skimage.color.rgb2hed but without clipping negatives (so hed_to_rgb inverts it)."""
+    od = torch.log(x.clamp(min=1e-6)) / _LOG_ADJUST
+    return torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(x))
+
+
+def hed_to_rgb(hed: Tensor) -> Tensor:
+    """Stain densities (B,3,H,W) -> float RGB in [0, 1] (inverse of rgb_to_hed)."""
+    log_rgb = torch.einsum("bchw,cd->bdhw", hed, RGB_FROM_HED.to(hed)) * _LOG_ADJUST
+    return torch.exp(log_rgb).clamp(0.0, 1.0)
+
+
+def hed_jitter(
+    x: Tensor, gen: torch.Generator, sigma: float = 0.05, bias: float = 0.05, p: float = 1.0
+) -> Tensor:
+    """HED stain augmentation (Tellez et al. 2019): per sample and stain channel, density
+    * U(1-sigma, 1+sigma) + U(-bias, bias), in skimage's rgb2hed units (densities in [0, 1]);
+    sigma = bias = 0.05 is Tellez's "HED-light", 0.2 "HED-strong"."""
+    b = x.shape[0]
+    alpha = _uniform(gen, b * 3, 1 - sigma, 1 + sigma).view(b, 3, 1, 1)
+    beta = _uniform(gen, b * 3, -bias, bias).view(b, 3, 1, 1)
+    out = hed_to_rgb(rgb_to_hed(x) * alpha + beta)
+    return torch.where(_per_sample(_coin(gen, b, p)), out, x)
+
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def _gray(x: Tensor) -> Tensor:
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _hue_rotate(x: Tensor, angle: Tensor) -> Tensor:
+    """Rotate hue by per-sample angle (radians) in YIQ space: one batched matrix per sample."""
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        dtype=x.dtype,
+        device=x.device,
+    )
+    from_yiq = torch.linalg.inv(to_yiq)
+    c, s = torch.cos(angle), torch.sin(angle)
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], 1).view(-1, 3, 3)
+    m = from_yiq @ rot @ to_yiq  # (B,3,3)
+    return torch.einsum("bij,bjhw->bihw", m, x)
+
+
+def color_jitter(
+    x: Tensor,
+    gen: torch.Generator,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+    p: float = 1.0,
+) -> Tensor:
+    """Per-sample brightness / contrast / saturation factors in [1-v, 1+v] and hue shift in
+    [-hue, hue] (fraction of a full turn), applied in that fixed order."""
+    b = x.shape[0]
+    y = x
+    if brightness:
+        y = y * _uniform(gen, b, 1 - brightness, 1 + brightness).view(b, 1, 1, 1)
+    if contrast:
+        f = _uniform(gen, b, 1 - contrast, 1 + contrast).view(b, 1, 1, 1)
+        m = _gray(y).mean((-2, -1), keepdim=True)
+        y = (y - m) * f + m
+    if saturation:
+        f = _uniform(gen, b, 1 - saturation, 1 + saturation).view(b, 1, 1, 1)
+        g = _gray(y)
+        y = (y - g) * f + g
+    if hue:
+        y = _hue_rotate(y, _uniform(gen, b, -hue, hue) * 2 * math.pi)
+    return torch.where(_per_sample(_coin(gen, b, p)), y.clamp(0.0, 1.0), x)
+
+
+# ----------------------------------------------------------------------------- blur / noise
+
+
+def gaussian_blur(
+    x: Tensor, gen: torch.Generator, sigma: Sequence[float] = (0.1, 1.5), p: float = 0.5
+) -> Tensor:
+    """Per-sample Gaussian blur with sigma ~ U(sigma) pixels: one separable grouped conv."""
+    b, c, h, w = x.shape
+    s = _uniform(gen, b, *sigma).clamp(min=1e-3)
+    r = min(math.ceil(3 * sigma[1]), (min(h, w) - 1) // 2)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, 2r+1)
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, h, w)
+    return torch.where(_per_sample(_coin(gen, b, p)), y, x)
+
+
+def gaussian_noise(
+    x: Tensor, gen: torch.Generator, std: Sequence[float] = (0.0, 0.03), p: float = 0.5
+) -> Tensor:
+    """Additive Gaussian noise with per-sample standard deviation ~ U(std), clipped to [0, 1]."""
+    b = x.shape[0]
+    s = _uniform(gen, b, *std).view(b, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype)
+    y = (x + noise * s).clamp(0.0, 1.0)
+    return torch.where(_per_sample(_coin(gen, b, p)), y, x)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+OPS: dict[str, Callable[..., Tensor]] = {
+    "dihedral": random_dihedral,
+    "affine": random_affine,
+    "random_resized_crop": random_resized_crop,
+    "hed": hed_jitter,
+    "color_jitter": color_jitter,
+    "blur": gaussian_blur,
+    "noise": gaussian_noise,
+}
+_SIZED = {"random_resized_crop"}  # ops that take the model's input size (resample only once)
+
+# Chosen for 96 px H&E patches: orientation-free tissue (dihedral), mild zoom/shear/rotation as
+# in the seed notebooks, HED-light-sized stain jitter (Tellez 2019), a little brightness and
+# contrast for scanner differences. Geometry first, colour after, all at the native size.
+_HE_PATCH = [
+    {"op": "dihedral"},
+    {"op": "affine", "rotate": 15.0, "scale": 0.1, "shear": 5.0, "translate": 0.05, "p": 0.5},
+    {"op": "hed", "sigma": 0.05, "bias": 0.01},
+    {"op": "color_jitter", "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02},
+]
+PRESETS: dict[str, list[dict]] = {
+    "pcam": _HE_PATCH,
+    # 50 px patches: the same, slightly stronger stain jitter (many patients, many labs).
+    "idc": _HE_PATCH[:2]
+    + [
+        {"op": "hed", "sigma": 0.08, "bias": 0.02},
+        {"op": "color_jitter", "brightness": 0.1, "contrast": 0.1, "saturation": 0.15, "hue": 0.03},
+    ],
+    # Large 700x460 images down to the model size: random crops carry the geometry.
+    "breakhis": [
+        {"op": "random_resized_crop", "scale": (0.35, 1.0)},
+        {"op": "dihedral"},
+        {"op": "hed", "sigma": 0.05, "bias": 0.01},
+        {"op": "color_jitter", "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.02},
+        {"op": "blur", "sigma": (0.1, 1.0), "p": 0.2},
+    ],
+    # Dermatoscopy is not H&E-stained: no HED; lesions have no orientation either.
+    "ham10000": [
+        {"op": "random_resized_crop", "scale": (0.5, 1.0)},
+        {"op": "dihedral"},
+        {"op": "affine", "rotate": 30.0, "p": 0.5},
+        {"op": "color_jitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.03},
+    ],
+    "none": [],
+}
+
+
+class AugmentError(ValueError):
+    """An augmentation spec that names an unknown op or preset, or bad parameters."""
+
+
+def load_spec(spec: str | Sequence[dict]) -> list[dict]:
+    """A preset name, a YAML/JSON file holding a list of {"op": ...}, or such a list."""
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            return [dict(s) for s in PRESETS[spec]]
+        if Path(spec).suffix in (".yaml", ".yml", ".json") and Path(spec).is_file():
+            import yaml
+
+            return load_spec(yaml.safe_load(Path(spec).read_text()))
+        raise AugmentError(
+            f"unknown augmentation {spec!r}: use one of {sorted(PRESETS)} "
+            "or a .yaml file with a list of {op: ...}"
+        )
+    ops = [dict(s) for s in spec]
+    for s in ops:
+        if s.get("op") not in OPS:
+            raise AugmentError(f"unknown augmentation op {s.get('op')!r}: use one of {sorted(OPS)}")
+    return ops
+
+
+class Augment:
+    """(x uint8 (B,C,H,W) on a device, torch.Generator on that device) -> float32
+    (B,C,out,out) normalised with mean/std. Ops run in spec order at the input size; the
+    result is resized to out_size at the end (random_resized_crop outputs it directly)."""
+
+    def __init__(self, ops: list[dict], *, out_size: int, mean, std):
+        self.ops, self.out_size = load_spec(ops), out_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        for s in self.ops:  # fail at build time, not at the first batch
+            params = {k: v for k, v in s.items() if k != "op"}
+            try:
+                OPS[s["op"]](torch.zeros(1, 3, 8, 8), torch.Generator(), **params)
+            except TypeError as exn:
+                raise AugmentError(f"augmentation op {s['op']!r}: {exn}") from exn
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        x = to_float(x)
+        for s in self.ops:
+            params = {k: v for k, v in s.items() if k != "op"}
+            if s["op"] in _SIZED:
+                params.setdefault("size", self.out_size)
+            x = OPS[s["op"]](x, gen, **params)
+        return normalize(resize(x, self.out_size).clamp_(0.0, 1.0), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"Augment({self.ops}, out_size={self.out_size})"
+
+
+def build(spec: str | list[dict], *, out_size: int, mean, std) -> Augment:
+    """Augment from a preset name, a YAML file or a list of {"op": name, **params}."""
+    return Augment(load_spec(spec), out_size=out_size, mean=mean, std=std)
+
+
+def eval_transform(*, out_size: int, mean, std, crop: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """uint8 or float (B,C,H,W) -> float32 normalised (B,C,out,out): centre crop keeping
+    `crop` of each side (1.0: none), resize, normalise. Deterministic."""
+
+    def transform(x: Tensor) -> Tensor:
+        x = centre_crop(to_float(x), crop) if crop < 1.0 else to_float(x)
+        return normalize(resize(x, out_size).clamp_(0.0, 1.0), mean, std)
+
+    return transform
+
+
+def save_grid(x: Tensor, path, *, nrow: int = 8, mean=None, std=None) -> Path:
+    """Write a PNG grid of a batch (uint8, float [0, 1], or normalised float with mean/std
+    given to undo it); written to a temporary file, then renamed. Returns the path."""
+    from torchvision.utils import save_image
+
+    x = to_float(x.detach().cpu())
+    if mean is not None and std is not None:
+        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_image(x.clamp(0.0, 1.0), tmp, nrow=nrow, padding=2, format="png")
+    tmp.replace(path)
+    return path
