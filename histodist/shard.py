@@ -1,0 +1,328 @@
+"""`python -m histodist.shard`: a raw dataset -> WebDataset tar shards + manifest.json + _info.json.
+
+    python -m histodist.shard --dataset folder --src ../shared/data/pcam-jpeg --out shards/pcam-sample
+    python -m histodist.shard --dataset pcam --download --out shards/pcam
+    python -m histodist.shard --verify shards/pcam
+
+The format is described in docs/shards.md. Splits: official ones are kept; otherwise a
+deterministic class-stratified split at the patient / lesion / slide level (sources/split.py).
+Shards are written in parallel, each by one worker, under a temporary name then renamed;
+a re-run reuses shards that are complete and unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from histodist import imageio, sources
+from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, sha256_file, write_shard
+from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.sources.split import split_items
+from histodist.version import version_string
+
+FORMAT = "histodist-shards/1"
+SHARD_BYTES = 256 << 20  # default target: inside the 100-500 MB range WebDataset readers like
+MIN_SHARDS = 8  # small splits are still cut into 8 shards so ranks x loader workers all get some
+SAMPLE_OVERHEAD = 2048  # tar headers of 3 members, padding and the .json sidecar
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest problem (verification failure, bad option); the message names it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m histodist.shard", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=list(sources.LAYOUTS), help="raw layout of --src")
+    p.add_argument("--src", help="raw dataset folder (for csv: the CSV file)")
+    p.add_argument("--out", help="output folder for shards, manifest.json and _info.json")
+    p.add_argument("--name", help="dataset name in the manifest (default: --out's folder name)")
+    p.add_argument("--verify", metavar="DIR", help="re-read every shard of DIR against its manifest")
+    p.add_argument("--val-fraction", type=float, help="held-out valid share (default 0.1)")
+    p.add_argument("--test-fraction", type=float, help="held-out test share (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
+    p.add_argument("--samples-per-shard", type=int, help="default: ~256 MB shards, >= 8 per split")
+    p.add_argument("--encoding", choices=imageio.ENCODINGS, default="auto",
+                   help="auto: keep encoded bytes, PNG for HDF5 pixel arrays")  # fmt: skip
+    p.add_argument("--jpeg-quality", type=int, default=95, help="for --encoding jpeg")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--magnification", choices=["40X", "100X", "200X", "400X"], help="breakhis")
+    p.add_argument("--breakhis-labels", choices=["binary", "subtype"], default="binary")
+    p.add_argument("--image-column", default="images", help="csv: image path column")
+    p.add_argument("--label-column", default="labels", help="csv: label column")
+    p.add_argument("--group-column", help="csv: optional patient / slide id column")
+    p.add_argument("--download", action="store_true", help="pcam: fetch the official release")
+    p.add_argument("--cache-dir", help="pcam: where downloads and gunzipped .h5 files go")
+    p.add_argument("--url-base", help="pcam: download URL base (default: env HISTODIST_PCAM_URL "
+                   "or the Zenodo record)")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verify:
+            n = verify(args.verify)
+            print(f"histodist.shard: {args.verify}: {n} shards verified")
+            return 0
+        if not args.dataset or not args.out or not (args.src or args.download):
+            parser.error("--dataset, --out and --src (or --download) are required")
+        if args.download:
+            from histodist.download import DownloadError, fetch_pcam
+
+            if args.dataset != "pcam":
+                parser.error("--download is only available for --dataset pcam")
+            try:
+                args.src = str(fetch_pcam(args.cache_dir or args.src, args.url_base))
+            except DownloadError as e:
+                raise ShardError(str(e)) from e
+        manifest = run(args, argv)
+    except (SourceError, ShardError, OSError) as e:
+        print(f"histodist.shard: error: {e}", file=sys.stderr)
+        return 1
+    _print_summary(manifest, args.out)
+    return 0
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Scan, split, write every shard, then the manifest and _info.json (atomically, last)."""
+    opts = SourceOptions(args.magnification, args.breakhis_labels, args.image_column,
+                         args.label_column, args.group_column, args.cache_dir)  # fmt: skip
+    scan = sources.scan(args.dataset, args.src, opts)
+    splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "_info.json"):  # an interrupted run must not look complete
+        (out / stale).unlink(missing_ok=True)
+    tasks = plan(scan, splits, out, args)
+    records = write_all(tasks, args.workers)
+    remove_stale(out, {t.name for t in tasks})
+    name = args.name or out.resolve().name
+    manifest = build_manifest(name, args, scan, splits, records, argv)
+    _atomic_json(out / "_info.json", timm_info(name, manifest))
+    _atomic_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def make_splits(scan: Scan, val: float | None, test: float | None, seed: int) -> dict:
+    """Official splits, plus train/valid/test carved from `scan.pool`; groups never straddle."""
+    splits = dict(scan.official)
+    if scan.pool:
+        fractions = {}
+        for split, given in (("valid", val), ("test", test)):
+            if split in splits and given:
+                raise ShardError(f"--{split.replace('valid', 'val')}-fraction: the source "
+                                 f"already has an official {split} split")  # fmt: skip
+            if split not in splits:
+                fractions[split] = 0.1 if given is None else given
+        if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
+            raise ShardError(f"split fractions {fractions} must be in [0, 1) and sum below 1")
+        carved = split_items(scan.pool, len(scan.classes), fractions, seed)
+        splits = {**carved, **splits}
+    elif val or test:
+        raise ShardError("--val-fraction/--test-fraction: the source has official splits")
+    if not scan.ordered:  # mix classes inside every shard (sources list files class by class)
+        for i, name in enumerate(sorted(splits)):
+            random.Random(seed * 1000 + i).shuffle(splits[name])
+    check_groups(splits)
+    order = {"train": 0, "valid": 1, "test": 2}
+    return dict(sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
+
+
+def check_groups(splits: dict[str, list[Item]]) -> None:
+    """Fail when a patient / lesion / slide id appears in two splits."""
+    seen: dict[str, str] = {}
+    for split, items in splits.items():
+        for g in {it.group for it in items if it.group is not None}:
+            if seen.setdefault(g, split) != split:
+                raise ShardError(f"group {g!r} is in both the {seen[g]} and {split} splits")
+
+
+def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> int:
+    """--samples-per-shard, or ~SHARD_BYTES per shard but at least MIN_SHARDS per split."""
+    if requested:
+        if requested < 1:
+            raise ShardError("--samples-per-shard must be >= 1")
+        return requested
+    if isinstance(scan.reader, FileReader) and items:
+        probe = items[:: max(1, len(items) // 200)]
+        size = sum((Path(scan.reader.root) / it.source).stat().st_size for it in probe)
+        per_sample = size / len(probe) + SAMPLE_OVERHEAD
+    else:
+        per_sample = getattr(scan.reader, "bytes_per_sample", 96 * 96 * 3) + SAMPLE_OVERHEAD
+    by_bytes = max(1, int(SHARD_BYTES // per_sample))
+    return min(by_bytes, max(256, math.ceil(len(items) / MIN_SHARDS)))
+
+
+def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[ShardTask]:
+    """One ShardTask per shard; mean/std statistics come from train (or the first split)."""
+    stats_split = "train" if "train" in splits else next(iter(splits))
+    tasks = []
+    for split, items in splits.items():
+        n = samples_per_shard(scan, items, args.samples_per_shard)
+        for i in range(0, len(items), n):
+            tasks.append(ShardTask(str(out), f"{split}-{i // n:06d}.tar", items[i : i + n],
+                                   scan.reader, scan.classes, args.encoding, args.jpeg_quality,
+                                   stats=split == stats_split))  # fmt: skip
+    return tasks
+
+
+def write_all(tasks: list[ShardTask], workers: int) -> dict[str, dict]:
+    """Write shards, `workers` processes each writing whole shards; name -> record."""
+    records = {}
+    total = sum(len(t.items) for t in tasks)
+    size = {t.name: len(t.items) for t in tasks}
+    with tqdm(total=total, unit="img", desc="shard", dynamic_ncols=True) as bar:
+        if workers > 1 and len(tasks) > 1:
+            with multiprocessing.Pool(min(workers, len(tasks))) as pool:
+                for rec in pool.imap_unordered(write_shard, tasks):
+                    _done(records, rec, bar, size)
+        else:
+            for task in tasks:
+                _done(records, write_shard(task), bar, size)
+    return records
+
+
+def _done(records: dict, rec: dict, bar: tqdm, size: dict) -> None:
+    records[rec["name"]] = rec
+    bar.update(size[rec["name"]])
+    for r in [] if rec["reused"] else rec["rejected"]:
+        tqdm.write(f"histodist.shard: warning: skipped {r['source']}: {r['reason']}", sys.stderr)
+
+
+def remove_stale(out: Path, keep: set[str]) -> None:
+    """Delete shards (and temporaries) of an earlier plan that this run did not write."""
+    for p in out.iterdir():
+        if re.fullmatch(r"[A-Za-z0-9_]+-\d{6}\.tar(\.tmp)?", p.name) and p.name not in keep:
+            p.unlink()
+            (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
+
+
+def build_manifest(name, args, scan, splits, records, argv) -> dict:
+    """The manifest.json content (docs/shards.md) from the shard records."""
+    recs = [records[k] for k in sorted(records)]
+    split_m = {}
+    for split, items in splits.items():
+        mine = [r for r in recs if r["name"].startswith(f"{split}-")]
+        labelled = any(it.label is not None for it in items)
+        split_m[split] = {
+            "num_samples": sum(r["num_samples"] for r in mine),
+            "class_counts": [sum(c) for c in zip(*(r["class_counts"] for r in mine))]
+            if labelled else None,
+            "num_groups": len({it.group for it in items if it.group is not None}),
+            "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in mine],
+        }  # fmt: skip
+    sizes = {s for r in recs for s in r["sizes"]}
+    image = None
+    if len(sizes) == 1:
+        h, w = map(int, next(iter(sizes)).split("x"))
+        image = {"height": h, "width": w, "mode": "RGB"}
+    mean, std = _mean_std([r for r in recs if r["pixels"]])
+    return {
+        "format": FORMAT,
+        "dataset": name,
+        "layout": args.dataset,
+        "source": str(Path(args.src).resolve()),
+        "classes": scan.classes,
+        "task": "binary" if len(scan.classes) == 2 else "multiclass",
+        "group_by": scan.group_by,
+        "encoding": _encoding_name(args.encoding, scan),
+        "image": image,
+        "mean": mean,
+        "std": std,
+        "splits": split_m,
+        "converted": {k: sum(r["converted"][k] for r in recs) for k in imageio.CONVERSIONS},
+        "rejected": [{"source": x["source"], "reason": x["reason"]} for r in recs
+                     for x in r["rejected"]],  # fmt: skip
+        "seed": args.seed,
+        "command": "python -m histodist.shard " + shlex.join(argv),
+        "histodist_version": version_string(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _encoding_name(encoding: str, scan: Scan) -> str:
+    if encoding != "auto":
+        return encoding
+    return "original" if isinstance(scan.reader, FileReader) else "png"
+
+
+def _mean_std(recs: list[dict]) -> tuple[list[float] | None, list[float] | None]:
+    n = sum(r["pixels"] for r in recs)
+    if not n:
+        return None, None
+    mean = [sum(r["sum"][c] for r in recs) / n for c in range(3)]
+    var = [sum(r["sumsq"][c] for r in recs) / n - mean[c] ** 2 for c in range(3)]
+    return [round(m, 6) for m in mean], [round(math.sqrt(max(v, 0.0)), 6) for v in var]
+
+
+def timm_info(name: str, manifest: dict) -> dict:
+    """timm's `_info.json`: wds/<name> readers take filenames and shard lengths from it."""
+    splits = {}
+    for split, s in manifest["splits"].items():
+        splits[split] = {
+            "name": split,
+            "num_samples": s["num_samples"],
+            "filenames": [sh["name"] for sh in s["shards"]],
+            "shard_lengths": [sh["num_samples"] for sh in s["shards"]],
+        }
+    return {"name": name, "splits": splits}
+
+
+def verify(folder: str | Path) -> int:
+    """Re-read every shard of `folder` and compare with manifest.json; returns shards checked."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{folder / 'manifest.json'}: cannot read the manifest ({e})") from e
+    n = 0
+    for split, s in manifest["splits"].items():
+        for sh in s["shards"]:
+            path = folder / sh["name"]
+            if not path.is_file():
+                raise ShardError(f"{path}: shard missing")
+            if path.stat().st_size != sh["bytes"] or sha256_file(path) != sh["sha256"]:
+                raise ShardError(f"{path}: sha256 or size differs from the manifest")
+            try:
+                count = len(read_shard_keys(path))
+            except Exception as e:  # tarfile raises several types for damaged archives
+                raise ShardError(f"{path}: unreadable tar ({e})") from e
+            if count != sh["num_samples"]:
+                raise ShardError(f"{path}: {count} samples, manifest says {sh['num_samples']}")
+            n += 1
+        if sum(sh["num_samples"] for sh in s["shards"]) != s["num_samples"]:
+            raise ShardError(f"{folder}: split {split} shard counts do not add up")
+    return n
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _print_summary(manifest: dict, out: str) -> None:
+    for split, s in manifest["splits"].items():
+        print(f"histodist.shard: {out}: {split}: {s['num_samples']} samples in "
+              f"{len(s['shards'])} shards, class counts {s['class_counts']}")  # fmt: skip
+    if manifest["rejected"]:
+        print(f"histodist.shard: {len(manifest['rejected'])} images rejected (see manifest.json)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Write one tar shard (in a worker process) and check shards against their records.
+
+A shard is written as `<name>.tar.tmp` and renamed when complete, so a file named `*.tar` is
+always whole. Its record (counts, bytes, sha256, statistics) goes to `.shardinfo/<name>.json`
+beside it, with a fingerprint of its planned content: a re-run skips a shard whose file still
+hashes to the record and whose plan is unchanged. Tar headers carry no time or owner, so the same
+plan always gives byte-identical shards, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histodist import imageio
+from histodist.sources import Item, Reader
+
+INFO_DIR = ".shardinfo"
+
+
+@dataclass
+class ShardTask:
+    """One shard to write: `items` in order, read by `reader`, encoded with `encoding`."""
+
+    out_dir: str
+    name: str
+    items: list[Item]
+    reader: Reader
+    classes: list[str]
+    encoding: str = "auto"
+    quality: int = 95
+    stats: bool = False  # accumulate pixel sums for mean/std (train split)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.encoding}|{self.quality}|{self.classes}".encode())
+        for it in self.items:
+            h.update(f"\n{it.key}|{it.source}|{it.label}|{it.group}|{sorted(it.extra.items())}".encode())
+        return h.hexdigest()
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def reusable(task: ShardTask) -> dict | None:
+    """The previous record of this shard if its file is complete, unchanged and planned alike."""
+    path, info = Path(task.out_dir) / task.name, _info_path(task)
+    if not (path.is_file() and info.is_file()):
+        return None
+    try:
+        rec = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != task.fingerprint() or rec.get("bytes") != path.stat().st_size:
+        return None
+    return rec if sha256_file(path) == rec.get("sha256") else None
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write the shard (or reuse a complete one); return its record (see `_new_record`)."""
+    rec = reusable(task)
+    if rec is not None:
+        return {**rec, "reused": True}
+    path = Path(task.out_dir) / task.name
+    tmp = path.with_name(path.name + ".tmp")
+    rec = _new_record(task)
+    sums = [np.zeros(3, np.float64), np.zeros(3, np.float64)]
+    try:
+        _fill(tmp, task, rec, sums)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial shard behind
+        raise
+    rec["sum"], rec["sumsq"] = sums[0].tolist(), sums[1].tolist()
+    rec["bytes"], rec["sha256"] = tmp.stat().st_size, sha256_file(tmp)
+    os.replace(tmp, path)
+    _atomic_write(_info_path(task), json.dumps(rec))
+    return {**rec, "reused": False}
+
+
+def _fill(tmp: Path, task: ShardTask, rec: dict, sums: list) -> None:
+    """Read, check, encode and append every sample of the task to the tar file `tmp`."""
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item, payload in task.reader.read(task.items):
+            if isinstance(payload, Exception):
+                _reject(rec, item, getattr(payload, "strerror", None) or str(payload))
+                continue
+            try:
+                enc = imageio.prepare(payload, task.encoding, task.quality)
+            except imageio.DecodeError as e:
+                _reject(rec, item, str(e))
+                continue
+            _add_sample(tar, item, enc, task.classes)
+            _count(rec, item, enc, sums if task.stats else None)
+
+
+def _new_record(task: ShardTask) -> dict:
+    return {
+        "name": task.name,
+        "fingerprint": task.fingerprint(),
+        "num_samples": 0,
+        "class_counts": [0] * len(task.classes),
+        "unlabelled": 0,
+        "converted": dict.fromkeys(imageio.CONVERSIONS, 0),
+        "rejected": [],
+        "sizes": {},  # "HxW" -> count
+        "pixels": 0,  # pixels summed into sum / sumsq
+    }
+
+
+def _reject(rec: dict, item: Item, reason: str) -> None:
+    rec["rejected"].append({"key": item.key, "source": item.source, "reason": reason})
+
+
+def _count(rec: dict, item: Item, enc: imageio.Encoded, sums) -> None:
+    rec["num_samples"] += 1
+    if item.label is None:
+        rec["unlabelled"] += 1
+    else:
+        rec["class_counts"][item.label] += 1
+    if enc.converted:
+        rec["converted"][enc.converted] += 1
+    h, w = enc.pixels.shape[:2]
+    rec["sizes"][f"{h}x{w}"] = rec["sizes"].get(f"{h}x{w}", 0) + 1
+    if sums is not None:
+        flat = enc.pixels.reshape(-1, 3).astype(np.float64) / 255.0
+        sums[0] += flat.sum(0)
+        sums[1] += np.einsum("ij,ij->j", flat, flat)
+        rec["pixels"] += flat.shape[0]
+
+
+def _add_sample(tar: tarfile.TarFile, item: Item, enc: imageio.Encoded, classes: list[str]) -> None:
+    h, w = enc.pixels.shape[:2]
+    meta = {
+        "source": item.source,
+        "label_name": None if item.label is None else classes[item.label],
+        "group": item.group,
+        "width": w,
+        "height": h,
+        **item.extra,
+    }
+    members = [(enc.ext, enc.data)]
+    if item.label is not None:
+        members.append(("cls", str(item.label).encode()))
+    members.append(("json", json.dumps(meta, sort_keys=True).encode()))
+    for ext, data in members:
+        info = tarfile.TarInfo(f"{item.key}.{ext}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0  # no time: reproducible bytes
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _info_path(task: ShardTask) -> Path:
+    return Path(task.out_dir) / INFO_DIR / f"{task.name}.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_shard_keys(path: str | Path) -> Counter:
+    """Sample key -> number of members, read with plain tarfile (raises on a damaged tar)."""
+    keys: Counter = Counter()
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile():
+                keys[m.name.split(".", 1)[0]] += 1
+                tar.extractfile(m).read()  # read every byte: truncation shows up here
+    return keys
