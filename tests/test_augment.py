@@ -1,0 +1,136 @@
+"""histodist.augment on real PCam patches: shapes, per-sample randomness, seeds, group laws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from histodist import augment as A
+
+MEAN, STD = (0.70, 0.54, 0.69), (0.23, 0.27, 0.21)
+RANDOM_OPS = {
+    "dihedral": {},
+    "affine": {"rotate": 20.0, "scale": 0.2, "shear": 10.0, "translate": 0.1},
+    "random_resized_crop": {"scale": (0.3, 1.0)},
+    "hed": {"sigma": 0.05, "bias": 0.02},
+    "color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
+    "blur": {"p": 1.0, "sigma": (0.5, 2.0)},
+    "noise": {"p": 1.0, "std": (0.01, 0.05)},
+}
+
+
+@pytest.fixture(scope="module")
+def batch(pcam_jpeg) -> torch.Tensor:
+    """uint8 (8,3,96,96): four patches of each class."""
+    import numpy as np
+
+    paths = sorted((pcam_jpeg / "train" / "0").glob("*.jpg"))[:4]
+    paths += sorted((pcam_jpeg / "train" / "1").glob("*.jpg"))[:4]
+    arrs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("preset", sorted(A.PRESETS))
+@pytest.mark.parametrize("out_size", [64, 96])
+def test_presets_shape_dtype_and_seed(batch, preset, out_size):
+    aug = A.build(preset, out_size=out_size, mean=MEAN, std=STD)
+    y = aug(batch, gen(1))
+    assert y.shape == (8, 3, out_size, out_size) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, aug(batch, gen(1)))  # same seed -> same batch
+    if preset != "none":
+        assert not torch.equal(y, aug(batch, gen(2)))
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_OPS))
+def test_each_op_draws_per_sample_parameters(batch, name):
+    """One image repeated: every sample must come out different from the others."""
+    x = A.to_float(batch[:1]).repeat(6, 1, 1, 1)
+    y = A.OPS[name](x, gen(3), **RANDOM_OPS[name])
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= -1e-5 and y.max() <= 1.0 + 1e-5
+    flat = y.flatten(1)
+    distinct = {tuple(r.tolist()) for r in flat.round(decimals=5)}
+    # dihedral has only 8 outcomes for 6 samples: ask for several different, not all.
+    assert len(distinct) >= (3 if name == "dihedral" else 6)
+    assert torch.equal(y, A.OPS[name](x, gen(3), **RANDOM_OPS[name]))
+
+
+def test_dihedral_group_laws(batch):
+    x = A.to_float(batch[:2])
+    images = [A.dihedral(x, k) for k in range(8)]
+    assert torch.equal(images[0], x)
+    assert len({tuple(im.flatten().tolist()[:500]) for im in images}) == 8  # all distinct
+    assert torch.equal(A.dihedral(A.dihedral(x, 1), 3), x)  # rotations compose
+    for k in range(4, 8):
+        assert torch.equal(A.dihedral(A.dihedral(x, k), k), x)  # reflections are involutions
+    # a random dihedral sample is always one of the 8 group elements of its input
+    y = A.random_dihedral(x.repeat(8, 1, 1, 1), gen(0))
+    for i in range(y.shape[0]):
+        assert any(torch.equal(y[i], im[i % 2]) for im in images)
+
+
+def test_identity_parameters_leave_images_unchanged(batch):
+    x = A.to_float(batch)
+    assert torch.allclose(A.random_affine(x, gen(), rotate=0.0, scale=0.0), x, atol=1e-5)
+    y = A.random_resized_crop(x, gen(), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(y, x, atol=1e-5)
+    assert torch.allclose(A.hed_jitter(x, gen(), sigma=0.0, bias=0.0), x, atol=1e-4)
+    assert torch.equal(A.color_jitter(x, gen()), x)
+
+
+def test_hed_round_trip_and_stain_channels(batch):
+    x = A.to_float(batch)
+    hed = A.rgb_to_hed(x)
+    assert torch.allclose(A.hed_to_rgb(hed), x, atol=1e-4)
+    # haematoxylin (purple nuclei) is the dominant stain of these patches
+    assert hed[:, 0].mean() > hed[:, 2].abs().mean()
+
+
+def test_normalize_and_eval_transform(batch):
+    x = A.to_float(batch)
+    mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    y = A.normalize(batch, mean, std)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(y.std((0, 2, 3)), torch.ones(3), atol=1e-3)
+    t = A.eval_transform(out_size=64, mean=MEAN, std=STD)
+    assert t(batch).shape == (8, 3, 64, 64) and torch.equal(t(batch), t(batch))
+    t96 = A.eval_transform(out_size=96, mean=MEAN, std=STD)
+    assert torch.allclose(t96(batch), A.normalize(batch, MEAN, STD))
+
+
+def test_custom_spec_from_yaml_and_errors(tmp_path, batch):
+    spec = tmp_path / "aug.yaml"
+    spec.write_text("- {op: dihedral}\n- {op: hed, sigma: 0.1, bias: 0.02}\n")
+    aug = A.build(str(spec), out_size=96, mean=MEAN, std=STD)
+    assert [s["op"] for s in aug.ops] == ["dihedral", "hed"]
+    assert aug(batch, gen()).shape == (8, 3, 96, 96)
+    with pytest.raises(A.AugmentError, match="unknown augmentation op"):
+        A.build([{"op": "sharpen"}], out_size=96, mean=MEAN, std=STD)
+    with pytest.raises(A.AugmentError, match="hed"):
+        A.build([{"op": "hed", "sigmaa": 0.1}], out_size=96, mean=MEAN, std=STD)
+    with pytest.raises(A.AugmentError, match="unknown augmentation"):
+        A.build("pcamm", out_size=96, mean=MEAN, std=STD)
+
+
+def test_save_grid_writes_png(tmp_path, batch):
+    aug = A.build("pcam", out_size=96, mean=MEAN, std=STD)
+    path = A.save_grid(aug(batch, gen()), tmp_path / "sub" / "grid.png", nrow=4, mean=MEAN, std=STD)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (4 * 98 + 2, 2 * 98 + 2)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_shapes_and_seed(batch):
+    aug = A.build("pcam", out_size=96, mean=MEAN, std=STD)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = aug(batch.cuda(), g)
+    assert y.is_cuda and y.shape == (8, 3, 96, 96)
+    assert torch.equal(y, aug(batch.cuda(), torch.Generator(device="cuda").manual_seed(0)))
