@@ -360,3 +360,46 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, n_bins: int = 
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+# -- W&B ------------------------------------------------------------------------------------
+
+
+def log_wandb(
+    mode: str,
+    *,
+    project: str,
+    entity: str | None,
+    name: str,
+    job_type: str,
+    metrics: dict,
+    images: dict[str, Path] | None = None,
+    config: dict | None = None,
+) -> None:
+    """Log a flat view of ``metrics`` and PNGs to a new W&B run (main process only; wandb is
+    imported here so it is never needed when disabled)."""
+    from histodist.tracking import resolve_wandb_mode
+
+    mode, note = resolve_wandb_mode(mode)
+    if note:
+        print(note)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=project, entity=entity, name=name, job_type=job_type, mode=mode,
+                     config=config, reinit="finish_previous")  # fmt: skip
+    run.log({**flatten(metrics), **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}})
+    run.finish()
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """{"a": {"b": 1}} -> {"a/b": 1}; numbers only (lists such as confusion matrices dropped)."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[key] = v
+    return out

@@ -1,0 +1,170 @@
+"""Evaluate a trained run on a shard split or a labelled folder / CSV of images.
+
+    python -m histodist.evaluate --run runs/NAME [--checkpoint best|last|PATH]
+                                 [--split test | --shards DIR | --input DIR|CSV|FILES] [--tta 8]
+    accelerate launch -m histodist.evaluate --run runs/NAME ...   # several processes / GPUs
+
+Writes metrics.json, predictions.csv, roc.png, confusion.png and reliability.png into
+runs/NAME/eval-<split>/ (eval-input-<name>/ for --input), prints a short table and logs the
+same to W&B when enabled. Every rank predicts a disjoint part; the main process scores the
+gathered set, which holds every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from histodist import inference, report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histodist.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder written by histodist.train")
+    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shards", help="shard folder or URL (default: the run's)")
+    src.add_argument("--input", nargs="+", help="labelled image folder(s), CSV(s) or files")
+    p.add_argument("--split", help="shard split (default: test if present, else the valid split)")
+    p.add_argument("--images", help="folder of the images a CSV names by id")
+    p.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8), help="dihedral TTA views")
+    p.add_argument("--batch-size", type=int, help="per process (default: the run's)")
+    p.add_argument("--workers", type=int, default=2, help="decode workers per process")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", help="output folder (default: RUN/eval-<split>)")
+    p.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"),
+                   help="W&B mode (default: the run's)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _predict(acc, run: inference.Run, args, shards: str | None, split: str | None):
+    """Gathered Predictions of this run over a shard split or args.input (all ranks)."""
+    bs = args.batch_size or run.cfg.optim.batch_size
+    rank, world = acc.process_index, acc.num_processes
+    if shards is None:
+        items = inference.list_inputs(args.input, run.classes, image_dir=args.images)
+        batches = inference.file_batches(run, items, batch_size=bs, rank=rank, world_size=world,
+                                         workers=args.workers)  # fmt: skip
+    else:
+        batches = inference.shard_batches(run, shards, split, batch_size=bs, rank=rank,
+                                          world_size=world, workers=args.workers)  # fmt: skip
+    amp = acc.autocast if acc.mixed_precision != "no" else None
+    it = inference.iter_predictions(run, batches, device=acc.device, tta=args.tta, autocast=amp,
+                                    progress=acc.is_main_process and not args.no_progress,
+                                    total=len(batches))  # fmt: skip
+    return inference.gather(acc, inference.collect(it, len(run.classes)))
+
+
+def youden_from_valid(acc, run: inference.Run, args, shards: str | None, split: str | None):
+    """(threshold, where) for binary runs: from the validation split (reusing a finished
+    eval-<valid> of the same checkpoint and TTA), or None to choose it on the set itself."""
+    valid = run.cfg.data.valid_split
+    if len(run.classes) != 2 or shards is None or split == valid:
+        return None, "self"
+    done = run.run_dir / f"eval-{valid}" / "metrics.json"
+    if done.is_file():
+        m = json.loads(done.read_text())
+        if m.get("checkpoint") == run.meta.get("step") and m.get("tta") == args.tta:
+            return m["patch"]["at_youden"]["threshold"], f"{valid} (eval-{valid}/metrics.json)"
+    from histodist.data import load_manifest
+
+    if valid not in load_manifest(shards).get("splits", {}):
+        return None, "self"
+    preds = _predict(acc, run, args, shards, valid)
+    ok = preds.valid
+    return report.youden_threshold(preds.probs[ok, 1], preds.labels[ok]), valid
+
+
+def score(preds: inference.Predictions, classes, *, youden, n_boot: int, seed: int) -> dict:
+    """Patch-level report plus group-level (mean and max) reports where ids exist."""
+    ok = preds.valid
+    if not ok.any():
+        raise inference.InputError("no labelled, readable samples to score")
+    kw = {"youden": youden, "n_boot": n_boot, "seed": seed}
+    probs, labels = preds.probs[ok], preds.labels[ok]
+    out = {"patch": report.classification_report(probs, labels, classes, **kw)}
+    groups = [g for g, k in zip(preds.groups, ok, strict=True) if k]
+    if any(g not in (None, "") for g in groups):
+        for how in ("mean", "max"):
+            ids, gp, gy = report.aggregate_groups(probs, labels, groups, how)
+            out[f"group_{how}"] = {"num_groups": len(ids),
+                                   **report.classification_report(gp, gy, classes, **kw)}  # fmt: skip
+    return out
+
+
+def write_outputs(out: Path, metrics: dict, preds, classes) -> dict[str, Path]:
+    """metrics.json, predictions.csv and the three figures; returns the figures."""
+    ok = preds.valid
+    probs, labels = preds.probs[ok], preds.labels[ok]
+    inference.atomic_write(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2))
+    inference.write_predictions(out / "predictions.csv", preds, classes)
+    return {
+        "roc": report.plot_roc(probs, labels, classes, out / "roc.png"),
+        "confusion": report.plot_confusion(
+            metrics["patch"]["confusion"], classes, out / "confusion.png"
+        ),  # fmt: skip
+        "reliability": report.plot_reliability(probs, labels, out / "reliability.png"),
+    }
+
+
+def _source(args, run: inference.Run) -> tuple[str | None, str | None, str]:
+    """(shards, split, name of the output folder) from the arguments and the run."""
+    if args.input:
+        return None, None, "eval-input-" + Path(args.input[0]).stem
+    shards = args.shards or run.cfg.data.shards
+    split = args.split
+    if split is None:
+        from histodist.data import load_manifest
+
+        split = "test" if "test" in load_manifest(shards).get("splits", {}) else None
+        split = split or run.cfg.data.valid_split
+    return shards, split, f"eval-{split}"
+
+
+def run_eval(args, acc) -> int:
+    run = inference.load_run(args.run, args.checkpoint)
+    shards, split, name = _source(args, run)
+    threshold, chosen_on = youden_from_valid(acc, run, args, shards, split)
+    preds = _predict(acc, run, args, shards, split)
+    if not acc.is_main_process:
+        return 0
+    inference.warn_unreadable(preds)
+    metrics = score(preds, run.classes, youden=threshold, n_boot=args.bootstrap, seed=args.seed)
+    metrics.update(checkpoint=run.meta.get("step"), which=args.checkpoint, tta=args.tta,
+                   source=args.input or f"{shards}:{split}", youden_chosen_on=chosen_on,
+                   num_predictions=len(preds), unreadable=len(preds.errors))  # fmt: skip
+    out = Path(args.out) if args.out else run.run_dir / name
+    figures = write_outputs(out, metrics, preds, run.classes)
+    for level in ("patch", "group_mean", "group_max"):
+        if level in metrics:
+            print(report.format_table(metrics[level], f"{name} {level} (tta={args.tta})"))
+    print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, reliability.png")
+    log = run.cfg.log
+    report.log_wandb(args.wandb or log.wandb, project=log.project, entity=log.entity,
+                     name=f"{run.run_dir.name}-{name}", job_type="eval", metrics=metrics,
+                     images=figures)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    from histodist.config import ConfigError
+    from histodist.data import DataError
+    from histodist.remote import ShardError
+
+    acc = Accelerator()
+    try:
+        return run_eval(args, acc)
+    except (inference.InputError, ConfigError, DataError, ShardError, FileNotFoundError) as e:
+        print(f"histodist.evaluate: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Predict with a trained run over image files, folders, CSVs or a shard split.
+
+    python -m histodist.predict --run runs/NAME --input DIR|FILES|CSV|SHARDS --out preds.csv
+
+Writes key, label (when known), one probability per class, the predicted class and the path.
+For the Kaggle Histopathologic Cancer Detection `test/` folder (or with --kaggle) it writes the
+competition's submission instead: `id,label` with the probability of class 1. Unreadable
+images are listed in a warning and kept in the CSV with an empty prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from histodist import inference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histodist.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder written by histodist.train")
+    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, folders, CSVs (path or id column), or one shard folder")  # fmt: skip
+    p.add_argument("--split", default="test", help="split to predict when --input is shards")
+    p.add_argument("--images", help="folder of the images a CSV names by id")
+    p.add_argument("--out", required=True, help="output CSV")
+    p.add_argument("--kaggle", action="store_true",
+                   help="write the Kaggle HCD submission (id,label); automatic for a test/ folder")  # fmt: skip
+    p.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8), help="dihedral TTA views")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _batches(run: inference.Run, args):
+    """(loader, number of batches) over shards (a folder with manifest.json) or image files."""
+    first = Path(args.input[0])
+    if len(args.input) == 1 and (first / "manifest.json").is_file():
+        loader = inference.shard_batches(run, str(first), args.split, batch_size=args.batch_size,
+                                         workers=args.workers)  # fmt: skip
+    else:
+        items = inference.list_inputs(args.input, run.classes, image_dir=args.images)
+        loader = inference.file_batches(run, items, batch_size=args.batch_size,
+                                        workers=args.workers)  # fmt: skip
+    return loader, len(loader)
+
+
+def run_predict(args) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = inference.load_run(args.run, args.checkpoint)
+    loader, n = _batches(run, args)
+    it = inference.iter_predictions(run, loader, device=device, tta=args.tta, total=n,
+                                    progress=not args.no_progress)  # fmt: skip
+    preds = inference.collect(it, len(run.classes))
+    inference.warn_unreadable(preds)
+    kaggle = args.kaggle or inference.is_kaggle_test(args.input)
+    if kaggle and len(run.classes) != 2:
+        raise inference.InputError("--kaggle needs a binary run (two classes)")
+    if kaggle:
+        inference.write_submission(args.out, preds)
+    else:
+        inference.write_predictions(args.out, preds, run.classes)
+    done = len(preds) - len(preds.errors)
+    print(f"wrote {args.out}: {done} predictions, {len(preds.errors)} unreadable"
+          + (" (Kaggle submission format)" if kaggle else ""))  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from histodist.config import ConfigError
+    from histodist.data import DataError
+    from histodist.remote import ShardError
+
+    try:
+        return run_predict(args)
+    except (inference.InputError, ConfigError, DataError, ShardError, FileNotFoundError) as e:
+        print(f"histodist.predict: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
