@@ -221,7 +221,7 @@ def build_manifest(name, args, scan, splits, records, argv) -> dict:
         labelled = any(it.label is not None for it in items)
         split_m[split] = {
             "num_samples": sum(r["num_samples"] for r in mine),
-            "class_counts": [sum(c) for c in zip(*(r["class_counts"] for r in mine))]
+            "class_counts": [sum(c) for c in zip(*(r["class_counts"] for r in mine), strict=True)]
             if labelled else None,
             "num_groups": len({it.group for it in items if it.group is not None}),
             "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in mine],

@@ -35,7 +35,7 @@ class SourceError(ValueError):
     """Bad raw input (missing file, unknown label, wrong shape...); the message names the file."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One sample, before reading: `source` is a path relative to the source root or `file.h5:row`."""
 

@@ -72,4 +72,4 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
 def _items(src: Path, files: list[tuple[Path, int | None]]) -> list[Item]:
     rel = [f.relative_to(src).as_posix() for f, _ in files]
     keys = unique_keys(rel)
-    return [Item(k, r, label) for k, r, (_, label) in zip(keys, rel, files)]
+    return [Item(k, r, label) for k, r, (_, label) in zip(keys, rel, files, strict=True)]

@@ -50,11 +50,11 @@ def split_items(
             counts[items[i].label] += 1
         best, gain = "train", 0
         for s, left in need.items():
-            fill = sum(min(c, q) for c, q in zip(counts, left))
+            fill = sum(min(c, q) for c, q in zip(counts, left, strict=True))
             if fill > gain and 2 * fill >= len(groups[g]):
                 best, gain = s, fill
         if best != "train":
-            need[best] = [max(q - c, 0) for q, c in zip(need[best], counts)]
+            need[best] = [max(q - c, 0) for q, c in zip(need[best], counts, strict=True)]
         assign[g] = best
 
     out: dict[str, list[Item]] = {"train": [], **{s: [] for s in need}}
