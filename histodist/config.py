@@ -78,8 +78,8 @@ class DataConfig:
 class AugmentConfig:
     augment: str = opt(
         "pcam",
-        "augmentation preset of histodist.augment.PRESETS",
-        choices=("pcam", "idc", "breakhis", "ham10000", "none"),
+        "augmentation: a preset of histodist.augment.PRESETS (pcam, idc, breakhis, ham10000, none) "
+        "or a .yaml file holding a list of {op: ...}",
     )
     normalize: str = opt(
         "manifest",
@@ -87,6 +87,14 @@ class AugmentConfig:
         "the model's pretraining mean/std",
         choices=("manifest", "model"),
     )
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        presets = ("pcam", "idc", "breakhis", "ham10000", "none")
+        if self.augment not in presets and not self.augment.endswith((".yaml", ".yml", ".json")):
+            raise ConfigError(
+                f"--augment {self.augment!r}: use one of {', '.join(presets)} or a .yaml file"
+            )
 
 
 @dataclass

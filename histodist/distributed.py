@@ -1,0 +1,59 @@
+"""Process-level helpers: preemption signals, cross-rank flags, per-step seeds, determinism."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag instead of killing the process; the training loop checks it
+    every optimizer step (through `agree`) so that all ranks save and exit together."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def install(self) -> Preemption:
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+def agree(accelerator, *flags: float) -> list[float]:
+    """Element-wise max of small per-rank numbers over all ranks (one all-reduce): every rank
+    gets the same answer, so decisions such as "stop now" never split the ranks."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="max")
+    return t.tolist()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct 63-bit seed per (seed, micro-step, rank). Seeding per step (rather than carrying
+    generator state) makes a resumed run draw exactly what the uninterrupted run drew."""
+    return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63 - 1)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic kernels for reproducible runs; cuDNN autotuning otherwise."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
