@@ -16,12 +16,10 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import random
 import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,28 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-try:  # the shared opener: retries, http resume, pipe:, cache
-    from histodist.remote import ShardError, join_url, open_url, read_text
-except ImportError:  # pragma: no cover - interim fallback until histodist.remote lands
-
-    class ShardError(RuntimeError):  # type: ignore[no-redef]
-        """A shard or manifest that cannot be read; the message names it."""
-
-    def join_url(base: str, name: str) -> str:  # type: ignore[misc]
-        if base.startswith("pipe:") and "{}" in base:
-            return base.replace("{}", name)
-        return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
-
-    def open_url(url: str, *, cache_dir: str | None = None, **_: Any):  # type: ignore[misc]
-        try:
-            return wds.gopen.gopen(url)
-        except OSError as exn:
-            raise ShardError(f"cannot open {url}: {exn}") from exn
-
-    def read_text(url: str, **kw: Any) -> str:  # type: ignore[misc]
-        with open_url(url, **kw) as f:
-            return f.read().decode("utf-8")
-
+from histodist.remote import ShardError, join_url, open_url, read_text
 
 Batch = dict  # "image": uint8 (B,3,H,W), "label": int64 (B,), "key": list[str], "group": list
 

@@ -1,0 +1,281 @@
+"""histodist.data in one process: counts, splits, determinism, bad input, no unpickling.
+
+Shards are built from real pcam-jpeg patches with uneven sizes (10, 8, 6 samples). The real
+multi-process launch (2 ranks x 2 workers) is in test_data_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from shardkit import pcam_images, write_shards
+
+from histodist import data
+from histodist.remote import ShardError
+
+SIZES = [10, 8, 6]
+
+
+@pytest.fixture(scope="module")
+def images(pcam_jpeg):
+    return {
+        "train": pcam_images(pcam_jpeg, "train", 12),
+        "valid": pcam_images(pcam_jpeg, "valid", 12),
+    }
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, images) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(out, images, SIZES)
+    return str(out)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def all_keys(shards: str, split: str) -> set[str]:
+    keys = set()
+    for entry in data.load_manifest(shards)["splits"][split]["shards"]:
+        with tarfile.open(f"{shards}/{entry['name']}") as tf:
+            keys |= {m.name.split(".")[0] for m in tf.getmembers()}
+    return keys
+
+
+def test_manifest_and_steps(shards):
+    m = data.load_manifest(shards)
+    assert m["splits"]["train"]["num_samples"] == 24
+    assert data.steps_per_epoch(24, 2, 4) == 3
+    assert data.steps_per_epoch(24, 2, 5) == 2
+    assert data.steps_per_epoch(3, 2, 4) == 1  # never zero steps
+    with pytest.raises(ShardError, match="no split 'test'"):
+        data.train_loader(shards, "test", batch_size=4, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("resample", [True, False])
+def test_train_yields_exactly_len_full_batches(shards, workers, resample):
+    for rank in range(2):
+        loader = data.train_loader(
+            shards,
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            workers=workers,
+            shuffle_buffer=8,
+            resample=resample,
+        )
+        batches = list(loader)
+        assert len(loader) == len(batches) == data.steps_per_epoch(24, 2, 4)
+        for b in batches:
+            assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 3, 96, 96)
+            assert b["label"].dtype == torch.int64 and set(b["label"].tolist()) <= {0, 1}
+            assert len(b["key"]) == 4 and b["group"] == [f"g{v}" for v in b["label"].tolist()]
+        assert loader.stats() == {"decode_errors": 0, "bad_shards": 0}
+
+
+def test_train_is_deterministic_by_seed_and_epoch(shards):
+    def run(seed, epoch, workers=2):
+        loader = data.train_loader(
+            shards,
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            seed=seed,
+            workers=workers,
+            shuffle_buffer=12,
+        )
+        loader.set_epoch(epoch)
+        return keys_of(loader)
+
+    first = run(0, 0)
+    assert run(0, 0) == first
+    assert run(0, 1) != first
+    assert run(1, 0) != first
+
+
+def test_train_labels_match_the_images(shards, images):
+    """Decoded pixels and labels belong together (compare with PIL decoding of the file)."""
+    from PIL import Image
+
+    by_key = {p.stem: (p, label) for p, label in images["train"]}
+    batch = next(iter(data.train_loader(shards, batch_size=4, rank=0, world_size=1, workers=0)))
+    for img, label, key in zip(batch["image"], batch["label"], batch["key"], strict=True):
+        path, true_label = by_key[key]
+        ref = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert int(label) == true_label
+        assert (img.int() - ref.int()).abs().float().mean() < 2.0  # libjpeg IDCT differences
+
+
+def test_persistent_workers_follow_set_epoch(shards):
+    loader = data.train_loader(
+        shards,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        workers=2,
+        shuffle_buffer=12,
+        persistent_workers=True,
+    )
+    loader.set_epoch(0)
+    e0 = keys_of(loader)
+    loader.set_epoch(1)
+    e1 = keys_of(loader)
+    loader.set_epoch(0)
+    assert keys_of(loader) == e0 != e1
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_reads_every_sample_exactly_once(shards, workers, world):
+    keys = []
+    for rank in range(world):
+        loader = data.eval_loader(
+            shards, "train", batch_size=4, rank=rank, world_size=world, workers=workers
+        )
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        keys += keys_of(batches)
+    assert len(keys) == 24 and not [k for k, n in Counter(keys).items() if n > 1]
+    assert set(keys) == all_keys(shards, "train")
+
+
+def test_encodings_decode_to_the_same_pixels(tmp_path, images):
+    items = {"valid": images["valid"][:6]}
+    out = {}
+    for enc in ("png", "raw", "jpeg"):
+        write_shards(tmp_path / enc, items, 6, encoding=enc)
+        batch = next(
+            iter(
+                data.eval_loader(
+                    str(tmp_path / enc), "valid", batch_size=6, rank=0, world_size=1, workers=0
+                )
+            )
+        )
+        out[enc] = batch["image"]
+    assert torch.equal(out["png"], out["raw"])  # both lossless copies of PIL's decoding
+    assert (out["jpeg"].int() - out["png"].int()).abs().float().mean() < 2.0
+
+
+def test_image_size_resizes_in_workers(shards):
+    loader = data.eval_loader(
+        shards, "valid", batch_size=4, rank=0, world_size=1, workers=0, image_size=(64, 64)
+    )
+    assert next(iter(loader))["image"].shape == (4, 3, 64, 64)
+
+
+def _copy_with(src: str, dst, edit) -> None:
+    """Copy a shard folder, passing the member list of train-000001.tar through edit()."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "train-000001.tar"
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w") as tf:
+        for m, payload in edit(members):
+            m.size = len(payload)
+            tf.addfile(m, io.BytesIO(payload))
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_undecodable_sample_is_skipped_and_counted(shards, tmp_path):
+    def corrupt_two(members):
+        jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")][:2]
+        return [(m, b"not a jpeg" if m.name in jpgs else p) for m, p in members]
+
+    _copy_with(shards, tmp_path / "s", corrupt_two)
+    for workers in (0, 2):
+        loader = data.eval_loader(
+            str(tmp_path / "s"), "train", batch_size=4, rank=0, world_size=1, workers=workers
+        )
+        assert len(keys_of(loader)) == 22
+        assert loader.stats() == {"decode_errors": 2, "bad_shards": 0}
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_truncated_or_missing_shard_fails_naming_it(shards, tmp_path):
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "t")
+    bad = tmp_path / "t" / "train-000001.tar"
+    bad.write_bytes(bad.read_bytes()[:5000])
+    for workers in (0, 2):
+        loader = data.eval_loader(
+            str(tmp_path / "t"), "train", batch_size=4, rank=0, world_size=1, workers=workers
+        )
+        with pytest.raises(Exception, match="train-000001.tar"):
+            list(loader)
+        loader = data.eval_loader(
+            str(tmp_path / "t"),
+            "train",
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            workers=workers,
+            skip_bad_shards=True,
+        )
+        n = len(keys_of(loader))
+        assert 16 <= n < 24 and loader.stats()["bad_shards"] == 1
+    bad.unlink()
+    with pytest.raises(Exception, match="train-000001.tar"):
+        list(
+            data.train_loader(
+                str(tmp_path / "t"), batch_size=4, rank=0, world_size=1, workers=0, resample=False
+            )
+        )
+    loader = data.train_loader(
+        str(tmp_path / "t"), batch_size=4, rank=0, world_size=1, workers=0, skip_bad_shards=True
+    )
+    assert len(list(loader)) == len(loader) == 6
+    assert loader.stats()["bad_shards"] >= 1
+
+
+class _Boom:
+    """Unpickling this would create the marker file (as a malicious member could)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_members_are_never_unpickled(shards, tmp_path, images):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Boom(str(marker)))
+    key = images["valid"][0][0].stem
+    extra = {key: {"pickle": payload, "pth": payload, "pyd": payload}}
+    write_shards(tmp_path / "p", {"valid": images["valid"][:4]}, 4, extra_members=extra)
+    batches = list(
+        data.eval_loader(
+            str(tmp_path / "p"), "valid", batch_size=4, rank=0, world_size=1, workers=0
+        )
+    )
+    assert keys_of(batches)[0] == key and len(keys_of(batches)) == 4
+    assert not marker.exists()
+    assert set(batches[0]) == {"image", "label", "key", "group"}
+
+
+def test_to_device_keeps_lists(shards):
+    batch = next(
+        iter(data.eval_loader(shards, "valid", batch_size=4, rank=0, world_size=1, workers=0))
+    )
+    moved = data.to_device(batch, "cpu")
+    assert torch.equal(moved["image"], batch["image"]) and moved["key"] == batch["key"]
+
+
+def test_manifest_errors_name_the_file(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ShardError, match="manifest.json"):
+        data.load_manifest(str(tmp_path))
+    with pytest.raises(ShardError, match="nowhere"):
+        data.load_manifest(str(tmp_path / "nowhere"))
