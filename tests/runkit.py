@@ -1,0 +1,60 @@
+"""A tiny trained run folder for the evaluate / predict / explain / export tests.
+
+    run_dir = make_run(tmp / "runs" / "tiny", shards_dir)
+
+Trains histodist's `small-cnn` at 32 px for a few steps on the shards' train split (real PCam
+patches written by shardkit) and writes the run folder of docs/architecture.md: config.yaml,
+manifest.json and checkpoints/best/{model.safetensors, meta.json}. Built here rather than by
+`histodist.train` so these tests depend only on the run-folder contract.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 32
+
+
+def make_run(run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0) -> Path:
+    from histodist.augment import eval_transform
+    from histodist.checkpoint import save_weights
+    from histodist.config import from_dict, save_config
+    from histodist.data import eval_loader
+    from histodist.models import build_model
+
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints" / "best" / "meta.json").is_file():
+        return run_dir  # shared by the test modules of one session
+    cfg = from_dict({
+        "data": {"shards": str(shards), "image_size": IMAGE_SIZE, "workers": 0},
+        "model": {"model": "small-cnn"},
+        "optim": {"batch_size": 16},
+        "log": {"wandb": "disabled"},
+    })  # fmt: skip
+    manifest = json.loads((shards / "manifest.json").read_text())
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes=2, image_size=IMAGE_SIZE)
+    tf = eval_transform(out_size=IMAGE_SIZE, mean=manifest["mean"], std=manifest["std"])
+    batches = list(eval_loader(str(shards), "train", batch_size=16, rank=0, world_size=1,
+                               workers=0))  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        loss = torch.nn.functional.cross_entropy(model(tf(b["image"])), b["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = run_dir / "checkpoints" / "best"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    shutil.copy(shards / "manifest.json", run_dir / "manifest.json")
+    save_weights(model.state_dict(), ckpt / "model.safetensors")
+    meta = {"epoch": 1, "step": steps, "metric": "auc", "value": 0.0, "num_classes": 2,
+            "image_size": IMAGE_SIZE}  # fmt: skip
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    return run_dir

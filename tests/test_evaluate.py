@@ -1,0 +1,112 @@
+"""histodist.evaluate on tiny shards of real PCam patches and on the same images as files."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from runkit import IMAGE_SIZE, make_run
+from shardkit import pcam_images, write_shards
+from sklearn.metrics import roc_auc_score
+
+from histodist import evaluate
+
+
+@pytest.fixture(scope="module")
+def setup(pcam_jpeg, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    shards = base / "eval-shards"
+    if not (shards / "manifest.json").is_file():
+        more = pcam_images(pcam_jpeg, "train", 32)  # pcam-jpeg has no test split: train 24..31
+        images = {"train": pcam_images(pcam_jpeg, "train", 24),
+                  "valid": pcam_images(pcam_jpeg, "valid", 10),
+                  "test": more[24:32] + more[56:64]}  # fmt: skip
+        write_shards(shards, images, 7)
+    return make_run(base / "runs" / "tiny", shards), shards
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _direct_probs(run_dir, paths):
+    """P(class 1) computed without histodist.inference: PIL decode, the model, softmax."""
+    from histodist.augment import eval_transform
+    from histodist.checkpoint import load_run_model
+
+    model, _, _ = load_run_model(run_dir)
+    man = json.loads((run_dir / "manifest.json").read_text())
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy())
+                     .permute(2, 0, 1) for p in paths])  # fmt: skip
+    x = eval_transform(out_size=IMAGE_SIZE, mean=man["mean"], std=man["std"])(x)
+    with torch.no_grad():
+        return model(x).softmax(1)[:, 1].numpy()
+
+
+def test_evaluate_valid_split_outputs_are_right(setup, pcam_jpeg, capsys):
+    run_dir, shards = setup
+    assert evaluate.main(["--run", str(run_dir), "--split", "valid", "--workers", "0",
+                          "--bootstrap", "100", "--no-progress"]) == 0  # fmt: skip
+    out = run_dir / "eval-valid"
+    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion.png",
+                 "reliability.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    rows = _read_csv(out / "predictions.csv")
+    images = pcam_images(pcam_jpeg, "valid", 10)
+    # Exactly the split, each sample once, labels from the shards.
+    assert sorted(r["key"] for r in rows) == sorted(p.stem for p, _ in images)
+    truth = {p.stem: str(y) for p, y in images}
+    assert all(r["label"] == truth[r["key"]] for r in rows)
+    # Probabilities match the model applied directly to the decoded files.
+    by_key = {r["key"]: float(r["prob_1"]) for r in rows}
+    direct = _direct_probs(run_dir, [p for p, _ in images])
+    assert [by_key[p.stem] for p, _ in images] == pytest.approx(direct, abs=1e-5)
+    # The reported metrics are those of the written predictions.
+    m = json.loads((out / "metrics.json").read_text())
+    y = np.array([int(r["label"]) for r in rows])
+    p1 = np.array([float(r["prob_1"]) for r in rows])
+    assert m["patch"]["n"] == 20 and m["num_predictions"] == 20
+    assert m["patch"]["auc"] == pytest.approx(roc_auc_score(y, p1))
+    assert m["patch"]["accuracy"] == pytest.approx(((p1 >= 0.5) == y).mean())
+    lo, hi = m["patch"]["auc_ci95"]
+    assert lo <= m["patch"]["auc"] <= hi
+    # shardkit gives every sample the group g<label>: two groups, mean of their patches.
+    assert m["group_mean"]["num_groups"] == 2 and m["youden_chosen_on"] == "self"
+    assert "balanced_accuracy" in capsys.readouterr().out
+
+
+def test_test_split_takes_youden_threshold_from_valid(setup):
+    run_dir, _ = setup
+    args = ["--run", str(run_dir), "--workers", "0", "--bootstrap", "0", "--no-progress"]
+    assert evaluate.main(args + ["--split", "valid", "--tta", "2"]) == 0
+    assert evaluate.main(args + ["--tta", "2"]) == 0  # default split: test
+    valid = json.loads((run_dir / "eval-valid" / "metrics.json").read_text())
+    test = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+    assert test["youden_chosen_on"].startswith("valid") and test["patch"]["n"] == 16
+    t = valid["patch"]["at_youden"]["threshold"]
+    assert test["patch"]["at_youden"]["threshold"] == t
+
+
+def test_input_folder_gives_the_same_figures_as_shards(setup, pcam_jpeg, tmp_path):
+    run_dir, _ = setup
+    for path, label in pcam_images(pcam_jpeg, "valid", 10):
+        (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "imgs" / str(label))
+    args = ["--run", str(run_dir), "--workers", "0", "--bootstrap", "50", "--no-progress"]
+    assert evaluate.main(args + ["--split", "valid", "--out", str(tmp_path / "a")]) == 0
+    assert evaluate.main(args + ["--input", str(tmp_path / "imgs"),
+                                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["patch"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["patch"]
+    for k in ("n", "accuracy", "auc", "balanced_accuracy", "f1", "nll", "ece"):
+        assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+
+def test_bad_run_folder_is_a_one_line_error(tmp_path, capsys):
+    assert evaluate.main(["--run", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("histodist.evaluate: error:") and "run folder" in err
