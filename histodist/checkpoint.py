@@ -49,9 +49,12 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_last(accelerator, root: Path, meta: dict[str, Any], *, keep_last: int) -> Path:
+def save_last(
+    accelerator, root: Path, meta: dict[str, Any], *, keep_last: int, extra: dict | None = None
+) -> Path:
     """Save the full training state as `root/last` on every rank (collective: call on all ranks).
-    The previous `last` becomes `step-<its step>`; only `keep_last` states are kept."""
+    The previous `last` becomes `step-<its step>`; only `keep_last` states are kept.
+    `extra`: {file name: state dict} written as safetensors beside (e.g. the EMA weights)."""
     root = Path(root)
     tmp = root / ".tmp-last"
     if accelerator.is_main_process:
@@ -62,6 +65,8 @@ def save_last(accelerator, root: Path, meta: dict[str, Any], *, keep_last: int) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = {**meta, "histodist_version": version_string()}
+        for name, sd in (extra or {}).items():
+            save_weights(sd, tmp / name)
         _write_json(tmp / "meta.json", meta)
         last = root / "last"
         prev = read_meta(last) if (last / "meta.json").is_file() else None

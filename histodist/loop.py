@@ -1,0 +1,308 @@
+"""The training loop: one epoch, one optimizer step, evaluation, checkpoints. Built by train.py.
+
+Every function here is collective: all ranks call it in the same order (DDP, all-reduces and
+checkpoints need every rank); only logging and file writes are main-process-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histodist import checkpoint as ckpt
+from histodist.distributed import Preemption, agree, step_seed
+from histodist.metrics import classification_metrics, confusion, gather_varlen, is_better
+from histodist.tracking import RunLog
+
+
+@dataclass
+class State:
+    """Where training is; saved as the checkpoint's meta.json and restored on resume."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained
+    step: int = 0  # optimizer steps done
+    best: float | None = None  # best validation metric so far
+    best_step: int = -1
+    stale: int = 0  # validations without improvement (early stopping)
+    bad_steps: int = 0  # consecutive optimizer steps with a NaN/inf loss
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> State:
+        return cls(**{k: meta[k] for k in asdict(cls()) if k in meta})
+
+
+@dataclass
+class Parts:
+    """Everything the loop needs, built once by train.setup()."""
+
+    accelerator: Any
+    cfg: Any
+    model: nn.Module  # prepared (DDP-wrapped when distributed)
+    forward: nn.Module  # what to call for training: the prepared model, or its compiled form
+    optimizer: Any
+    scheduler: Any
+    augment: Any
+    eval_transform: Any
+    criterion: nn.Module
+    train_loader: Any
+    valid_loader: Any
+    log: RunLog
+    run_dir: Path
+    meta: dict  # constant checkpoint metadata (hashes, classes, input size)
+    ema: nn.Module | None = None
+    sample_weights: torch.Tensor | None = None  # per class, for --class-balance sampler
+    preempt: Preemption = field(default_factory=Preemption)
+    valid_size: int = 0  # expected number of validation samples (manifest)
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to stop every rank: reason is preempted / nan / early-stop."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- training
+def rebalance(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, gen: torch.Generator):
+    """Class-balanced resampling within a batch: draw len(y) samples with replacement with
+    probability proportional to weights[y] (inverse class frequency); same batch size."""
+    idx = torch.multinomial(weights[y].float(), len(y), replacement=True, generator=gen)
+    return x[idx], y[idx]
+
+
+def train_one_epoch(p: Parts, st: State) -> None:
+    """Train the rest of epoch `st.epoch` (from `st.batch_in_epoch` on resume)."""
+    acc, cfg = p.accelerator, p.cfg
+    n, accum = len(p.train_loader), cfg.optim.accum_steps
+    p.train_loader.set_epoch(st.epoch)
+    p.model.train()
+    gen = torch.Generator(device=acc.device)
+    skip = st.batch_in_epoch
+    bar = _bar(p, n, skip, f"epoch {st.epoch + 1}/{cfg.train.epochs}")
+    window = Window()
+    for i, batch in enumerate(p.train_loader):
+        if i < skip:
+            continue  # resume: the loader replays the epoch; skip the batches already trained
+        micro = st.epoch * n + i
+        # Seeds per micro-step (augmentation, dropout) so a resumed run draws the same numbers.
+        gen.manual_seed(step_seed(cfg.train.seed, micro, acc.process_index))
+        torch.manual_seed(step_seed(cfg.train.seed + 1, micro, acc.process_index))
+        sync = (i + 1) % accum == 0 or i + 1 == n
+        window.add(micro_step(p, batch, gen, sync, accum, first=(micro == 0)))
+        st.batch_in_epoch = i + 1
+        bar.update(1)
+        if sync:
+            optimizer_step(p, st, window)
+            window = Window(t0=window.t0, images=window.images, since_log=window.since_log)
+            after_step(p, st, window, bar)
+    bar.close()
+    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+
+
+@dataclass
+class Window:
+    """Losses of the current accumulation window and counters since the last log line."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    since_log: list = field(default_factory=list)
+    bad: bool = False
+
+    def add(self, out: tuple[torch.Tensor, int]) -> None:
+        loss, n = out
+        self.images += n
+        self.bad = self.bad or not bool(torch.isfinite(loss))
+        self.since_log.append(loss)
+
+
+def micro_step(p: Parts, batch: dict, gen, sync: bool, accum: int, first: bool):
+    """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
+    acc = p.accelerator
+    x = batch["image"].to(acc.device, non_blocking=True)
+    y = batch["label"].to(acc.device, non_blocking=True)
+    if p.sample_weights is not None:
+        x, y = rebalance(x, y, p.sample_weights, gen)
+    x = p.augment(x, gen)
+    if first and p.cfg.log.log_images:
+        log_input_grid(p, x)
+    if p.cfg.model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with contextlib.nullcontext() if sync else acc.no_sync(p.model):
+        loss = p.criterion(p.forward(x).float(), y)
+        acc.backward(loss / accum)
+    return loss.detach(), len(y)
+
+
+def optimizer_step(p: Parts, st: State, window: Window) -> None:
+    """Clip, step and schedule, unless any rank saw a NaN/inf loss in this window (then the
+    update is dropped on every rank). Raises StopTraining on preemption or too many bad steps."""
+    bad, signalled = agree(p.accelerator, window.bad, p.preempt.received is not None)
+    if bad:
+        st.bad_steps += 1
+        p.log.print(f"step {st.step}: non-finite loss, update skipped ({st.bad_steps} in a row)")
+    else:
+        st.bad_steps = 0
+        if p.cfg.optim.grad_clip > 0:
+            p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
+        p.optimizer.step()
+        if p.ema is not None:
+            p.ema.update(p.accelerator.unwrap_model(p.model), step=st.step)
+    p.scheduler.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    if signalled:
+        raise StopTraining("preempted")
+    if st.bad_steps >= p.cfg.train.max_bad_steps:
+        raise StopTraining("nan")
+
+
+def after_step(p: Parts, st: State, window: Window, bar) -> None:
+    """Per-step logging, and the optional step-wise validation / checkpoint."""
+    cfg = p.cfg
+    if st.step % cfg.log.log_every == 0:
+        log_train(p, st, window, bar)
+    if cfg.train.eval_every and st.step % cfg.train.eval_every == 0:
+        validate(p, st)
+    elif cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
+        save(p, st, improved=False)
+
+
+def log_train(p: Parts, st: State, window: Window, bar) -> None:
+    acc = p.accelerator
+    losses = torch.stack(window.since_log).float().mean()
+    loss = acc.reduce(losses, reduction="mean").item()
+    dt = max(time.perf_counter() - window.t0, 1e-9)
+    per_rank = window.images / dt
+    values = {
+        "train/loss": loss,
+        "train/lr": max(g["lr"] for g in p.optimizer.param_groups),
+        "train/img_per_s": per_rank * acc.num_processes,
+        "train/img_per_s_per_device": per_rank,
+        "epoch": st.epoch + st.batch_in_epoch / max(1, len(p.train_loader)),
+    }
+    p.log.log(values, step=st.step)
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['train/img_per_s']:.0f}")
+    window.t0, window.images, window.since_log = time.perf_counter(), 0, []
+
+
+def _bar(p: Parts, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    off = not (p.accelerator.is_main_process and p.cfg.log.progress)
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=off, dynamic_ncols=True, leave=False
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(p: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 (N, C), labels int64 (N,)) over the whole validation split, gathered
+    from every rank (every sample exactly once), on the accelerator's device."""
+    acc = p.accelerator
+    net = p.ema.module if p.ema is not None else acc.unwrap_model(p.model)
+    was_training = net.training
+    net.eval()
+    logits, labels = [], []
+    for batch in p.valid_loader:
+        x = p.eval_transform(batch["image"].to(acc.device, non_blocking=True))
+        if p.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with acc.autocast():
+            logits.append(net(x).float())
+        labels.append(batch["label"].to(acc.device))
+    net.train(was_training)
+    n_cls = p.meta["num_classes"]
+    out = torch.cat(logits) if logits else torch.zeros(0, n_cls, device=acc.device)
+    lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=acc.device)
+    return gather_varlen(acc, out), gather_varlen(acc, lab)
+
+
+def evaluate(p: Parts) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Validation metrics (same on every rank), probabilities and labels."""
+    logits, labels = predict(p)
+    keep = labels >= 0  # unlabelled samples carry -1
+    logits, labels = logits[keep], labels[keep]
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else math.nan
+    probs = logits.softmax(1)
+    m = classification_metrics(probs, labels) if len(labels) else {}
+    m.update(loss=loss, neg_loss=-loss, num_samples=len(labels))
+    return m, probs, labels
+
+
+def validate(p: Parts, st: State) -> dict[str, float]:
+    """Evaluate, log, save `last` and, when the preset's metric improved, `best`."""
+    t0 = time.perf_counter()
+    m, probs, labels = evaluate(p)
+    if p.valid_size and m["num_samples"] != p.valid_size:
+        p.log.print(f"warning: validated {m['num_samples']} samples, manifest lists {p.valid_size}")
+    value = m.get(p.cfg.train.metric, math.nan)
+    improved = is_better(value, st.best)
+    if improved:
+        st.best, st.best_step, st.stale = value, st.step, 0
+    else:
+        st.stale += 1
+    m["time_s"] = time.perf_counter() - t0
+    p.log.log({f"val/{k}": v for k, v in m.items()}, step=st.step)
+    log_curves(p, probs, labels, st.step)
+    save(p, st, improved=improved)
+    return m
+
+
+def save(p: Parts, st: State, *, improved: bool) -> None:
+    meta = {**p.meta, **asdict(st), "world_size": p.accelerator.num_processes}
+    root = p.run_dir / "checkpoints"
+    extra = {}
+    if p.ema is not None:
+        extra["model_ema.safetensors"] = p.ema.module.state_dict()
+    ckpt.save_last(p.accelerator, root, meta, keep_last=p.cfg.train.keep_last, extra=extra)
+    if improved:
+        ckpt.copy_to_best(p.accelerator, root, {"metric": p.cfg.train.metric, "value": st.best})
+
+
+# ----------------------------------------------------------------------------- images
+def log_input_grid(p: Parts, x: torch.Tensor) -> None:
+    """PNG of the first augmented batch (as the model sees it) in the run folder and W&B."""
+    if not p.accelerator.is_main_process:
+        return
+    from histodist.augment import save_grid
+
+    path = save_grid(
+        x[:64], p.run_dir / "augmented_inputs.png", mean=p.meta["mean"], std=p.meta["std"]
+    )
+    run = p.log.wandb_run()
+    if run is not None:
+        import wandb
+
+        run.log({"train/augmented_inputs": wandb.Image(str(path))}, step=0)
+
+
+def log_curves(p: Parts, probs: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+    """ROC curve and confusion matrix as PNGs in runs/<name>/plots/ and to W&B (main process,
+    --log-images); matplotlib rather than wandb.plot, which needs pandas."""
+    if not (p.accelerator.is_main_process and p.cfg.log.log_images and len(labels)):
+        return
+    from histodist.report import plot_confusion, plot_roc
+
+    names = [str(c) for c in p.meta["classes"]]
+    plots = p.run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    roc = plot_roc(probs.cpu().float().numpy(), labels.cpu().numpy(), names, plots / "roc.png")
+    cm = plot_confusion(confusion(probs, labels).tolist(), names, plots / "confusion.png")
+    run = p.log.wandb_run()
+    if run is not None:
+        import wandb
+
+        run.log(
+            {"val/roc": wandb.Image(str(roc)), "val/confusion": wandb.Image(str(cm))}, step=step
+        )

@@ -1,0 +1,110 @@
+"""Train a classifier on histodist shards: `accelerate launch -m histodist.train --dataset pcam`.
+
+Runs unchanged on one CPU process, several CPU processes (gloo), 1..N GPUs and several nodes;
+see `--help` for every option and docs in README "Training".
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from histodist import build, loop
+from histodist.augment import AugmentError
+from histodist.checkpoint import CheckpointError
+from histodist.config import Config, ConfigError, parse_args
+from histodist.data import DataError, load_manifest
+from histodist.distributed import set_determinism
+from histodist.models import WeightsError
+from histodist.remote import ShardError
+
+ERRORS = (
+    ConfigError,
+    build.TrainError,
+    ShardError,
+    DataError,
+    WeightsError,
+    AugmentError,
+    CheckpointError,
+)
+EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
+
+
+def run(cfg: Config) -> int:
+    """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
+    set_determinism(cfg.train.deterministic)
+    manifest = load_manifest(cfg.data.shards)
+    cfg = build.complete_config(cfg, manifest)
+    acc, mode, msg = build.make_accelerator(cfg)
+    run_dir = build.prepare_run_dir(acc, cfg, manifest)
+    p = build.build_parts(acc, cfg, manifest, run_dir, mode)
+    p.preempt.install()
+    if msg:
+        p.log.print(msg)
+    st = build.resume_state(p)
+    p.log.print(
+        f"run {run_dir}: {cfg.model.model}, {acc.num_processes} process(es) on "
+        f"{acc.device}, precision {acc.mixed_precision}, {len(p.train_loader)} batches "
+        f"of {cfg.optim.batch_size} per process per epoch"
+    )
+    try:
+        reason = fit(p, st)
+    finally:
+        p.preempt.uninstall()
+        p.log.close()
+    return EXIT_NAN if reason == "nan" else 0
+
+
+def fit(p: loop.Parts, st: loop.State) -> str:
+    """Epoch loop; returns "done", "early-stop", "preempted" or "nan"."""
+    cfg = p.cfg
+    while st.epoch < cfg.train.epochs:
+        build.apply_freeze(p, st.epoch)
+        t0 = time.perf_counter()
+        try:
+            loop.train_one_epoch(p, st)
+        except loop.StopTraining as stop:
+            return stopped(p, st, stop.reason)
+        m = loop.validate(p, st)
+        p.log.print(summary(st, cfg, m, time.perf_counter() - t0))
+        if cfg.train.patience and st.stale >= cfg.train.patience:
+            p.log.print(f"early stop: no {cfg.train.metric} improvement in {st.stale} validations")
+            return "early-stop"
+    return "done"
+
+
+def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
+    if reason == "preempted":
+        loop.save(p, st, improved=False)
+        p.log.print(
+            f"{p.preempt.received or 'signal'}: saved {p.run_dir}/checkpoints/last at "
+            f"step {st.step}; rerun the same command with --resume to continue"
+        )
+    else:
+        p.log.print(
+            f"histodist.train: error: loss was NaN/inf for {st.bad_steps} consecutive "
+            "steps; lower --lr, keep --grad-clip on, or try --precision bf16/no"
+        )
+    return reason
+
+
+def summary(st: loop.State, cfg: Config, m: dict, seconds: float) -> str:
+    keys = ("auc", "accuracy", "balanced_accuracy", "f1")
+    parts = [f"{k} {m[k]:.4f}" for k in keys if k in m]
+    return (
+        f"epoch {st.epoch}/{cfg.train.epochs} step {st.step}: val loss {m['loss']:.4f} "
+        + " ".join(parts)
+        + f" | best {cfg.train.metric} {st.best} | {seconds:.0f}s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except ERRORS as e:
+        print(f"histodist.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
