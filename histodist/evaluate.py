@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
+    from histodist.checkpoint import CheckpointError
     from histodist.config import ConfigError
     from histodist.data import DataError
     from histodist.remote import ShardError
@@ -161,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     acc = Accelerator()
     try:
         return run_eval(args, acc)
-    except (inference.InputError, ConfigError, DataError, ShardError, FileNotFoundError) as e:
+    except (
+        inference.InputError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ShardError,
+        FileNotFoundError,
+    ) as e:
         print(f"histodist.evaluate: error: {e}", file=sys.stderr)
         return 1
 

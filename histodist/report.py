@@ -278,7 +278,7 @@ def format_table(metrics: dict, title: str = "") -> str:
 # -- figures ----------------------------------------------------------------------------------
 
 
-def _figure():
+def figure():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters; set before pyplot is imported
@@ -287,7 +287,7 @@ def _figure():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Write through a temporary name so a crash never leaves half a PNG."""
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -300,7 +300,7 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], path
     """ROC curve (binary) or one-vs-rest curves per class (multi-class)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    plt = _figure()
+    plt = figure()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     targets = [1] if len(classes) == 2 else range(len(classes))
     for k in targets:
@@ -312,14 +312,14 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], path
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right", fontsize=8)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path) -> Path:
     """Confusion matrix (rows true, columns predicted) with counts written in the cells."""
-    plt = _figure()
+    plt = figure()
     cm = np.asarray(confusion)
     size = 2.5 + 0.6 * len(classes)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -338,14 +338,14 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     ax.set_xticks(ticks, classes, rotation=45)
     ax.set_yticks(ticks, classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, n_bins: int = ECE_BINS) -> Path:
     """Reliability diagram: observed frequency against mean confidence per bin, with counts."""
-    plt = _figure()
+    plt = figure()
     conf, freq, count = reliability_bins(probs, labels, n_bins)
     ok = count > 0
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -357,7 +357,7 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, n_bins: int = 
     what = "P(class 1)" if probs.shape[1] == 2 else "top-label confidence"
     ax.set(xlabel=what, ylabel="observed frequency", title="reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 

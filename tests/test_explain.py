@@ -1,0 +1,83 @@
+"""Grad-CAM finds a planted signal; histodist.explain writes the grid."""
+
+import pytest
+import torch
+from PIL import Image
+from runkit import make_run
+from shardkit import pcam_images, write_shards
+from torch import nn
+
+from histodist import explain
+from histodist.gradcam import default_layer, gradcam
+
+SIZE, SQUARE = 32, 6
+
+
+def planted(n: int, gen: torch.Generator):
+    """Dim noise; class 1 adds a bright SQUARE x SQUARE square at a random position."""
+    x = torch.rand(n, 3, SIZE, SIZE, generator=gen) * 0.5
+    y = torch.randint(0, 2, (n,), generator=gen)
+    pos = torch.randint(0, SIZE - SQUARE, (n, 2), generator=gen)
+    for i in torch.nonzero(y)[:, 0].tolist():
+        r, c = pos[i].tolist()
+        x[i, :, r : r + SQUARE, c : c + SQUARE] = 1.0
+    return x, y, pos
+
+
+def test_gradcam_peaks_on_the_planted_square():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+    )  # fmt: skip
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(60):
+        x, y, _ = planted(32, gen)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x, y, pos = planted(64, gen)
+    assert (net(x).argmax(1) == y).float().mean() > 0.8  # it learned the square
+    assert default_layer(net, x) is net[6]  # the last feature map (16 x 16)
+    x, pos = x[y == 1], pos[y == 1]
+    cam, logits = gradcam(net, x, torch.ones(len(x), dtype=torch.long))
+    assert cam.shape == (len(x), SIZE, SIZE) and cam.min() >= 0 and cam.max() <= 1
+    peak = cam.flatten(1).argmax(1)
+    r, c = peak // SIZE, peak % SIZE
+    inside = (
+        (r >= pos[:, 0]) & (r < pos[:, 0] + SQUARE) & (c >= pos[:, 1]) & (c < pos[:, 1] + SQUARE)
+    )
+    assert inside.all(), f"{int((~inside).sum())} of {len(x)} heatmaps peak outside the square"
+    assert torch.allclose(logits, net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [["--top-losses", "5"], ["--random", "4"]])
+def test_explain_writes_a_grid_of_the_chosen_images(mode, pcam_jpeg, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    shards = base / "explain-shards"
+    if not (shards / "manifest.json").is_file():
+        write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 24),
+                              "valid": pcam_images(pcam_jpeg, "valid", 6)}, 12)  # fmt: skip
+    run_dir = make_run(base / "runs" / "tiny-explain", shards)
+    out = base / f"grid{mode[0]}.png"
+    assert explain.main(["--run", str(run_dir), "--split", "valid", *mode, "--workers", "0",
+                         "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 100
+
+
+def test_explain_selects_the_largest_losses():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01]])
+    labels = torch.tensor([1, 1, 0, 0])
+    batches = [{"key": ["a", "b"], "label": labels[:2], "probs": probs[:2],
+                "image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)},
+               {"key": ["c", "d"], "label": labels[2:], "probs": probs[2:],
+                "image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)}]  # fmt: skip
+    picked = explain.select(iter(batches), 2, "top-losses")
+    assert picked["key"] == ["a", "c"]  # losses -log 0.1, -log 0.6 are the two largest
+    again = explain.select(iter(batches[::-1]), 3, "random", seed=1)
+    assert sorted(again["key"]) == sorted(explain.select(iter(batches), 3, "random", 1)["key"])
