@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from histodist.remote import ShardError, join_url, open_url, read_text
+from histodist.tarstream import iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W), "label": int64 (B,), "key": list[str], "group": list
 
@@ -104,7 +105,7 @@ def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache
     try:
         stream = open_url(url, cache_dir=cache_dir)
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            files = ({"fname": n, "data": d, "__url__": url} for n, d in iter_tar(stream))
             for sample in group_by_keys(files):
                 n += 1
                 yield sample

@@ -1,0 +1,88 @@
+"""A minimal streaming tar reader for shards: (member name, bytes) in archive order.
+
+Why not `tarfile`: its stream mode costs ~130 us of Python per member (header objects, pax
+and GNU handling, checksum variants), about 0.4 ms per 3-member PCam sample, three times the
+JPEG decode itself (`python -m histodist.bench loader` shows the figures). Shards are plain
+ustar/GNU/pax archives written by webdataset's TarWriter or `tar`, so reading the 512-byte
+headers directly is enough: regular files are yielded, directories and links skipped, GNU long
+names and pax `path` records honoured, every header checksum verified, and a short read (a
+truncated shard) raises TarStreamError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+BLOCK = 512
+
+
+class TarStreamError(ValueError):
+    """A damaged or truncated tar stream."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    while data is not None and len(data) < n:  # raw streams may return short reads
+        more = f.read(n - len(data))
+        if not more:
+            raise TarStreamError(f"unexpected end of data in {what} (truncated shard?)")
+        data += more
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> key=value\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
+
+
+def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, content) of each regular file of the tar stream f, in order."""
+    long_name: str | None = None
+    while True:
+        header = f.read(BLOCK)
+        if not header or header == bytes(BLOCK):
+            return  # end of archive (two zero blocks, or a stream ending at a header)
+        if len(header) < BLOCK:
+            header += _read_exact(f, BLOCK - len(header), "a tar header")
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarStreamError("bad tar header checksum (damaged shard?)")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = _read_exact(f, size, "a tar member") if size else b""
+        if size % BLOCK:
+            _read_exact(f, BLOCK - size % BLOCK, "tar padding")
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":
+            long_name = _pax_path(data) or long_name
+        elif kind in (b"0", b"\0", b"7"):
+            name = long_name or _name(header)
+            long_name = None
+            yield name, data
+        else:  # directories, links, global pax headers: nothing to read
+            long_name = None if kind != b"g" else long_name
+
+
+def _name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name

@@ -1,0 +1,60 @@
+"""histodist.tarstream against Python's tarfile on ustar, GNU and pax archives."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from histodist.tarstream import TarStreamError, iter_tar
+
+
+def make_tar(fmt: int, names: list[str], with_dir: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        if with_dir:
+            d = tarfile.TarInfo("somedir")
+            d.type = tarfile.DIRTYPE
+            tf.addfile(d)
+        for i, name in enumerate(names):
+            payload = bytes(range(256)) * i + name.encode()  # sizes around block boundaries
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("alink")
+        link.type, link.linkname = tarfile.SYMTYPE, names[0]
+        tf.addfile(link)
+    return buf.getvalue()
+
+
+def reference(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
+
+
+LONG = "d" * 120 + "/sample_with_a_very_long_name_" + "x" * 80 + ".jpg"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_same_members_as_tarfile(fmt):
+    names = ["a.jpg", "a.cls", "b.json", "dir/c.png", "e.npy"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append(LONG)
+    data = make_tar(fmt, names)
+    got = list(iter_tar(io.BytesIO(data)))
+    assert got == reference(data) and len(got) == len(names)
+
+
+def test_truncated_stream_raises():
+    data = make_tar(tarfile.GNU_FORMAT, ["a.jpg", "b.jpg", "c.jpg"])
+    for cut in (700, 1100, 2200, 3000):  # in a header, padding, member data
+        with pytest.raises(TarStreamError, match="unexpected end"):
+            list(iter_tar(io.BytesIO(data[:cut])))
+
+
+def test_damaged_header_raises():
+    data = bytearray(make_tar(tarfile.GNU_FORMAT, ["a.jpg", "b.jpg"], with_dir=False))
+    data[10] ^= 0xFF  # a byte of the first member's name
+    with pytest.raises(TarStreamError, match="checksum"):
+        list(iter_tar(io.BytesIO(bytes(data))))
