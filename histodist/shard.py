@@ -44,12 +44,16 @@ class ShardError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m histodist.shard", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m histodist.shard", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--dataset", choices=list(sources.LAYOUTS), help="raw layout of --src")
     p.add_argument("--src", help="raw dataset folder (for csv: the CSV file)")
     p.add_argument("--out", help="output folder for shards, manifest.json and _info.json")
     p.add_argument("--name", help="dataset name in the manifest (default: --out's folder name)")
-    p.add_argument("--verify", metavar="DIR", help="re-read every shard of DIR against its manifest")
+    p.add_argument(
+        "--verify", metavar="DIR", help="re-read every shard of DIR against its manifest"
+    )
     p.add_argument("--val-fraction", type=float, help="held-out valid share (default 0.1)")
     p.add_argument("--test-fraction", type=float, help="held-out test share (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
@@ -246,8 +250,9 @@ def build_manifest(name, args, scan, splits, records, argv) -> dict:
         "std": std,
         "splits": split_m,
         "converted": {k: sum(r["converted"][k] for r in recs) for k in imageio.CONVERSIONS},
-        "rejected": [{"source": x["source"], "reason": x["reason"]} for r in recs
-                     for x in r["rejected"]],  # fmt: skip
+        "rejected": [
+            {"source": x["source"], "reason": x["reason"]} for r in recs for x in r["rejected"]
+        ],  # fmt: skip
         "seed": args.seed,
         "command": "python -m histodist.shard " + shlex.join(argv),
         "histodist_version": version_string(),

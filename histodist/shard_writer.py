@@ -42,7 +42,9 @@ class ShardTask:
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.encoding}|{self.quality}|{self.classes}".encode())
         for it in self.items:
-            h.update(f"\n{it.key}|{it.source}|{it.label}|{it.group}|{sorted(it.extra.items())}".encode())
+            h.update(
+                f"\n{it.key}|{it.source}|{it.label}|{it.group}|{sorted(it.extra.items())}".encode()
+            )
         return h.hexdigest()
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,15 @@ def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
     im = Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def read_split(out: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for every sample of a split, read with plain tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    manifest = json.loads((out / "manifest.json").read_text())
+    for sh in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / sh["name"]) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import fixtures_layouts as fx
 import numpy as np
 import pytest
 
-import fixtures_layouts as fx
 from histodist import sources
 from histodist.sources import Item, SourceError, SourceOptions
 from histodist.sources.split import split_items

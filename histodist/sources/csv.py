@@ -24,7 +24,9 @@ from histodist.sources import (
 def scan(src: Path, opts: SourceOptions) -> Scan:
     if not src.is_file():
         raise SourceError(f"{src}: the csv layout needs --src to be the CSV file")
-    wanted = [opts.image_column, opts.label_column] + ([opts.group_column] if opts.group_column else [])
+    wanted = [opts.image_column, opts.label_column] + (
+        [opts.group_column] if opts.group_column else []
+    )
     with open(src, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in wanted if c not in (reader.fieldnames or ())]

@@ -33,5 +33,7 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     for name, p in sorted(seen.items()):
         m = NAME.fullmatch(name)
         extra = {"patient": m["patient"], "x": int(m["x"]), "y": int(m["y"])}
-        items.append(Item(p.stem, p.relative_to(src).as_posix(), int(m["cls"]), m["patient"], extra))
+        items.append(
+            Item(p.stem, p.relative_to(src).as_posix(), int(m["cls"]), m["patient"], extra)
+        )
     return Scan(CLASSES, "patient", {}, items, FileReader(src))

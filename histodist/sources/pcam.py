@@ -129,7 +129,9 @@ def _read_labels(x: Path, y: Path) -> np.ndarray:
                 raise SourceError(f"{x}: dataset x is {dx.dtype} {dx.shape}, "
                                   "expected uint8 (N, 96, 96, 3)")  # fmt: skip
             if dy.shape[0] != dx.shape[0] or int(np.prod(dy.shape[1:])) != 1:
-                raise SourceError(f"{y}: dataset y is {dy.shape}, expected ({dx.shape[0]}, 1, 1, 1)")
+                raise SourceError(
+                    f"{y}: dataset y is {dy.shape}, expected ({dx.shape[0]}, 1, 1, 1)"
+                )
             labels = dy[:].reshape(-1)  # N bytes: the labels are small, the pixels never loaded
     except OSError as e:
         raise SourceError(f"{x.parent}: cannot read HDF5 ({e})") from e
