@@ -1,0 +1,68 @@
+"""histodist.export: each format reloads and agrees with PyTorch; the JSON suffices to use it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from runkit import make_run
+from shardkit import pcam_images, write_shards
+
+from histodist import export, inference
+
+
+@pytest.fixture(scope="module")
+def run_dir(pcam_jpeg, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    shards = base / "export-shards"
+    if not (shards / "manifest.json").is_file():
+        write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 24),
+                              "valid": pcam_images(pcam_jpeg, "valid", 6)}, 12)  # fmt: skip
+    return make_run(base / "runs" / "tiny-export", shards)
+
+
+def _preprocess(paths, meta):
+    """What a serving client does with only the JSON: RGB -> [0, 1] -> resize -> normalise."""
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255)
+                     .permute(2, 0, 1) for p in paths])  # fmt: skip
+    s = meta["image_size"]
+    x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+    mean, std = (
+        torch.tensor(meta["mean"]).view(1, 3, 1, 1),
+        torch.tensor(meta["std"]).view(1, 3, 1, 1),
+    )
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "onnx"])
+def test_export_parity_and_preprocessing(fmt, run_dir, pcam_jpeg, capsys):
+    assert export.main(["--run", str(run_dir), "--format", fmt, "--batch", "4"]) == 0
+    text = capsys.readouterr().out
+    suffix = export.SUFFIX[fmt]
+    path = run_dir / "export" / f"model.{suffix}"
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert meta["classes"] == ["0", "1"] and meta["image_size"] == 32 and len(meta["mean"]) == 3
+    assert meta["parity_max_abs_diff"] < 1e-4 and "max |logit difference|" in text
+    # A batch size other than the traced one, preprocessed from the JSON alone, gives the
+    # probabilities histodist.inference gives.
+    paths = [p for p, _ in pcam_images(pcam_jpeg, "valid", 3)][:5]
+    x = _preprocess(paths, meta)
+    run = inference.load_run(run_dir)
+    if fmt == "torchscript":
+        logits = torch.jit.load(str(path))(x)
+    elif fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    else:
+        from safetensors.torch import load_file
+
+        model = run.model
+        model.load_state_dict(load_file(str(path)))
+        logits = model(x)
+    items = inference.list_inputs([str(p) for p in paths], run.classes)
+    loader = inference.file_batches(run, items, batch_size=8, workers=0)
+    want = inference.collect(inference.iter_predictions(run, loader), 2).probs
+    assert logits.softmax(1).detach().numpy() == pytest.approx(want, abs=1e-4)
