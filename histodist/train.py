@@ -30,23 +30,30 @@ ERRORS = (
 EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
 
 
-def run(cfg: Config) -> int:
-    """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
+def setup(cfg: Config) -> loop.Parts:
+    """Resolve the config against the shards, build the Accelerator, run folder and parts."""
     set_determinism(cfg.train.deterministic)
     manifest = load_manifest(cfg.data.shards)
     cfg = build.complete_config(cfg, manifest)
     acc, mode, msg = build.make_accelerator(cfg)
     run_dir = build.prepare_run_dir(acc, cfg, manifest)
     p = build.build_parts(acc, cfg, manifest, run_dir, mode)
-    p.preempt.install()
     if msg:
         p.log.print(msg)
+    return p
+
+
+def run(cfg: Config) -> int:
+    """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
+    p = setup(cfg)
     st = build.resume_state(p)
+    acc = p.accelerator
     p.log.print(
-        f"run {run_dir}: {cfg.model.model}, {acc.num_processes} process(es) on "
-        f"{acc.device}, precision {acc.mixed_precision}, {len(p.train_loader)} batches "
-        f"of {cfg.optim.batch_size} per process per epoch"
+        f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on {acc.device}, "
+        f"precision {acc.mixed_precision}, {len(p.train_loader)} batches of "
+        f"{p.cfg.optim.batch_size} per process per epoch"
     )
+    p.preempt.install()
     try:
         reason = fit(p, st)
     finally:

@@ -1,0 +1,83 @@
+"""Config tree: precedence, presets, YAML, generated CLI, validation."""
+
+import pytest
+import yaml
+
+from histodist.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    build_parser,
+    load_config,
+    parse_args,
+    save_config,
+)
+
+
+def test_defaults_then_preset_then_yaml_then_flags(tmp_path):
+    cfg = parse_args([])
+    assert cfg.data.dataset == "pcam" and cfg.data.shards == "shards/pcam"
+    assert (cfg.data.num_classes, cfg.data.image_size, cfg.train.metric) == (2, 96, "auc")
+
+    ham = parse_args(["--dataset", "ham10000"])
+    assert (ham.data.num_classes, ham.augment.augment) == (7, "ham10000")
+    assert ham.train.metric == "balanced_accuracy" and ham.data.class_balance == "loss"
+
+    y = tmp_path / "c.yaml"
+    y.write_text(
+        yaml.safe_dump(
+            {"data": {"dataset": "idc", "image_size": 64}, "optim": {"lr": 0.01, "batch_size": 32}}
+        )
+    )
+    cfg = parse_args(["--config", str(y), "--lr", "0.5", "--no-resample"])
+    assert cfg.data.dataset == "idc" and cfg.data.shards == "shards/idc"  # preset from YAML
+    assert cfg.data.image_size == 64  # YAML beats preset (idc: 50)
+    assert cfg.optim.batch_size == 32 and cfg.optim.lr == 0.5  # flag beats YAML
+    assert cfg.data.resample is False
+
+
+def test_unknown_flags_and_keys_are_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--no-such-flag", "1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--lr"])  # missing value
+    y = tmp_path / "bad.yaml"
+    y.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        parse_args(["--config", str(y)])
+    y.write_text("optimiser:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="optimiser"):
+        parse_args(["--config", str(y)])
+
+
+def test_validation_names_the_flag():
+    with pytest.raises(ConfigError, match="--epochs"):
+        parse_args(["--epochs", "0"])
+    with pytest.raises(ConfigError, match="--ema"):
+        parse_args(["--ema", "1.5"])
+    with pytest.raises(ConfigError, match="--augment"):
+        parse_args(["--augment", "nonsense"])
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizer", "lamb"])  # argparse choices
+
+
+def test_help_documents_every_field():
+    text = build_parser().format_help()
+    for section in Config().to_dict().values():
+        for name in section:
+            assert "--" + name.replace("_", "-") in text, name
+    assert "--config" in text and "--dataset" in text
+
+
+def test_every_preset_resolves():
+    for name in PRESETS:
+        cfg = parse_args(["--dataset", name])
+        assert cfg.data.dataset == name
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = parse_args(["--dataset", "breakhis", "--model", "resnet50-dense", "--ema", "0.99"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(path) == cfg
+    assert not list(path.parent.glob(".*tmp"))  # atomic write left no temp file
