@@ -187,17 +187,20 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
 
 def write_all(tasks: list[ShardTask], workers: int) -> dict[str, dict]:
     """Write shards, `workers` processes each writing whole shards; name -> record."""
-    records = {}
-    total = sum(len(t.items) for t in tasks)
+    records: dict[str, dict] = {}
     size = {t.name: len(t.items) for t in tasks}
-    with tqdm(total=total, unit="img", desc="shard", dynamic_ncols=True) as bar:
-        if workers > 1 and len(tasks) > 1:
-            with multiprocessing.Pool(min(workers, len(tasks))) as pool:
-                for rec in pool.imap_unordered(write_shard, tasks):
-                    _done(records, rec, bar, size)
-        else:
-            for task in tasks:
-                _done(records, write_shard(task), bar, size)
+    pool = None
+    if workers > 1 and len(tasks) > 1:  # started before tqdm's monitor thread exists
+        pool = multiprocessing.Pool(min(workers, len(tasks)))
+    try:
+        done = pool.imap_unordered(write_shard, tasks) if pool else map(write_shard, tasks)
+        with tqdm(total=sum(size.values()), unit="img", desc="shard", dynamic_ncols=True) as bar:
+            for rec in done:
+                _done(records, rec, bar, size)
+    finally:
+        if pool is not None:
+            pool.terminate()  # all results are in (or an error is on its way): stop workers
+            pool.join()
     return records
 
 

@@ -58,7 +58,10 @@ def make_pcam_h5(root: Path, pcam_jpeg: Path, n: dict | None = None, *, gz: bool
             with h5py.File(path, "w") as f:
                 f.create_dataset(name, data=arr, chunks=(1, *arr.shape[1:]))
             if gz:
-                with open(path, "rb") as fin, gzip.open(f"{path}.gz", "wb") as fout:
+                with (
+                    open(path, "rb") as fin,
+                    gzip.open(f"{path}.gz", "wb", compresslevel=1) as fout,
+                ):
                     shutil.copyfileobj(fin, fout)
                 path.unlink()
         if meta:

@@ -59,7 +59,17 @@ def mirror(tmp_path, pcam_jpeg, monkeypatch):
 def test_download_then_shard(tmp_path, mirror):
     base, served = mirror
     cache, out = tmp_path / "cache", tmp_path / "out"
-    args = ["--dataset", "pcam", "--download", "--cache-dir", cache, "--url-base", base]
+    args = [
+        "--dataset",
+        "pcam",
+        "--download",
+        "--cache-dir",
+        cache,
+        "--url-base",
+        base,
+        "--workers",
+        1,
+    ]
     assert shard.main([str(a) for a in [*args, "--out", out]]) == 0
     for p in served.iterdir():
         assert (cache / p.name).read_bytes() == p.read_bytes()
