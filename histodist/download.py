@@ -42,8 +42,9 @@ def default_cache() -> Path:
     return Path(base) / "histodist" / "pcam"
 
 
-def fetch_pcam(dest: str | Path | None = None, url_base: str | None = None,
-               *, timeout: float = 30.0) -> Path:  # fmt: skip
+def fetch_pcam(
+    dest: str | Path | None = None, url_base: str | None = None, *, timeout: float = 30.0
+) -> Path:
     """Download every missing or bad PCam file into `dest`; returns `dest`."""
     dest = Path(dest) if dest else default_cache()
     dest.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def fetch_pcam(dest: str | Path | None = None, url_base: str | None = None,
         path = dest / name
         if path.is_file() and md5_file(path) == md5:
             continue
+        if name.endswith(".gz") and (dest / name[: -len(".gz")]).is_file():
+            continue  # already gunzipped (by hand or by an earlier run): nothing to fetch
         url = f"{base}/{name}" + ("?download=1" if base == ZENODO else "")
         download(url, path, md5, timeout=timeout)
     return dest
@@ -90,17 +93,20 @@ def download(url: str, path: Path, md5: str, *, timeout: float = 30.0) -> None:
     got = md5_file(part)
     if got != md5:
         part.unlink()
-        raise DownloadError(f"{path.name}: MD5 {got}, expected {md5}; the bad file was "
-                            "deleted, run the command again to download it afresh")  # fmt: skip
+        raise DownloadError(
+            f"{path.name}: MD5 {got}, expected {md5}; the bad file was "
+            "deleted, run the command again to download it afresh"
+        )
     os.replace(part, path)
 
 
 def _stream(resp, part: Path, start: int, *, name: str) -> None:
     length = resp.headers.get("Content-Length")
     total = start + int(length) if length else None
-    with open(part, "ab" if start else "wb") as f, tqdm(
-        total=total, initial=start, unit="B", unit_scale=True, desc=name, leave=False
-    ) as bar:  # fmt: skip
+    with (
+        open(part, "ab" if start else "wb") as f,
+        tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=name, leave=False) as bar,
+    ):
         while chunk := resp.read(1 << 20):
             f.write(chunk)
             bar.update(len(chunk))

@@ -47,8 +47,10 @@ def prepare(payload: bytes | np.ndarray, encoding: str = "auto", quality: int = 
         # and a member every WebDataset / timm `wds/` reader decodes (neither reads .npy). It
         # decodes at ~1.7-2.2k img/s per core (raw: ~14-26k), so 8 loader workers feed >13k
         # img/s; `--encoding raw` is there for when decoding CPU is the bottleneck.
-        return Encoded(*encode(pixels, "png" if encoding in ("auto", "original") else encoding,
-                               quality), pixels)  # fmt: skip
+        return Encoded(
+            *encode(pixels, "png" if encoding in ("auto", "original") else encoding, quality),
+            pixels,
+        )
     im = decode(payload)
     kind = conversion(im, payload)
     if kind is not None:

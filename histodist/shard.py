@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, help="held-out test share (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
     p.add_argument("--samples-per-shard", type=int, help="default: ~256 MB shards, >= 8 per split")
-    p.add_argument("--encoding", choices=imageio.ENCODINGS, default="auto",
-                   help="auto: keep encoded bytes, PNG for HDF5 pixel arrays")  # fmt: skip
+    p.add_argument(
+        "--encoding",
+        choices=imageio.ENCODINGS,
+        default="auto",
+        help="auto: keep encoded bytes, PNG for HDF5 pixel arrays",
+    )
     p.add_argument("--jpeg-quality", type=int, default=95, help="for --encoding jpeg")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     p.add_argument("--magnification", choices=["40X", "100X", "200X", "400X"], help="breakhis")
@@ -69,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-column", help="csv: optional patient / slide id column")
     p.add_argument("--download", action="store_true", help="pcam: fetch the official release")
     p.add_argument("--cache-dir", help="pcam: where downloads and gunzipped .h5 files go")
-    p.add_argument("--url-base", help="pcam: download URL base (default: env HISTODIST_PCAM_URL "
-                   "or the Zenodo record)")  # fmt: skip
+    p.add_argument(
+        "--url-base",
+        help="pcam: download URL base (default: env HISTODIST_PCAM_URL or the Zenodo record)",
+    )
     return p
 
 
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ShardError(str(e)) from e
         manifest = run(args, argv)
     except (SourceError, ShardError, OSError) as e:
-        print(f"histodist.shard: error: {e}", file=sys.stderr)
+        print(f"histodist.shard: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     _print_summary(manifest, args.out)
     return 0
@@ -104,8 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """Scan, split, write every shard, then the manifest and _info.json (atomically, last)."""
-    opts = SourceOptions(args.magnification, args.breakhis_labels, args.image_column,
-                         args.label_column, args.group_column, args.cache_dir)  # fmt: skip
+    opts = SourceOptions(
+        args.magnification,
+        args.breakhis_labels,
+        args.image_column,
+        args.label_column,
+        args.group_column,
+        args.cache_dir,
+    )
     scan = sources.scan(args.dataset, args.src, opts)
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
     out = Path(args.out)
@@ -129,8 +141,10 @@ def make_splits(scan: Scan, val: float | None, test: float | None, seed: int) ->
         fractions = {}
         for split, given in (("valid", val), ("test", test)):
             if split in splits and given:
-                raise ShardError(f"--{split.replace('valid', 'val')}-fraction: the source "
-                                 f"already has an official {split} split")  # fmt: skip
+                raise ShardError(
+                    f"--{split.replace('valid', 'val')}-fraction: the source "
+                    f"already has an official {split} split"
+                )
             if split not in splits:
                 fractions[split] = 0.1 if given is None else given
         if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
@@ -179,9 +193,18 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
     for split, items in splits.items():
         n = samples_per_shard(scan, items, args.samples_per_shard)
         for i in range(0, len(items), n):
-            tasks.append(ShardTask(str(out), f"{split}-{i // n:06d}.tar", items[i : i + n],
-                                   scan.reader, scan.classes, args.encoding, args.jpeg_quality,
-                                   stats=split == stats_split))  # fmt: skip
+            tasks.append(
+                ShardTask(
+                    str(out),
+                    f"{split}-{i // n:06d}.tar",
+                    items[i : i + n],
+                    scan.reader,
+                    scan.classes,
+                    args.encoding,
+                    args.jpeg_quality,
+                    stats=split == stats_split,
+                )
+            )
     return tasks
 
 
@@ -229,10 +252,11 @@ def build_manifest(name, args, scan, splits, records, argv) -> dict:
         split_m[split] = {
             "num_samples": sum(r["num_samples"] for r in mine),
             "class_counts": [sum(c) for c in zip(*(r["class_counts"] for r in mine), strict=True)]
-            if labelled else None,
+            if labelled
+            else None,
             "num_groups": len({it.group for it in items if it.group is not None}),
             "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in mine],
-        }  # fmt: skip
+        }
     sizes = {s for r in recs for s in r["sizes"]}
     image = None
     if len(sizes) == 1:
@@ -255,7 +279,7 @@ def build_manifest(name, args, scan, splits, records, argv) -> dict:
         "converted": {k: sum(r["converted"][k] for r in recs) for k in imageio.CONVERSIONS},
         "rejected": [
             {"source": x["source"], "reason": x["reason"]} for r in recs for x in r["rejected"]
-        ],  # fmt: skip
+        ],
         "seed": args.seed,
         "command": "python -m histodist.shard " + shlex.join(argv),
         "histodist_version": version_string(),
@@ -326,8 +350,10 @@ def _atomic_json(path: Path, obj: dict) -> None:
 
 def _print_summary(manifest: dict, out: str) -> None:
     for split, s in manifest["splits"].items():
-        print(f"histodist.shard: {out}: {split}: {s['num_samples']} samples in "
-              f"{len(s['shards'])} shards, class counts {s['class_counts']}")  # fmt: skip
+        print(
+            f"histodist.shard: {out}: {split}: {s['num_samples']} samples in "
+            f"{len(s['shards'])} shards, class counts {s['class_counts']}"
+        )
     if manifest["rejected"]:
         print(f"histodist.shard: {len(manifest['rejected'])} images rejected (see manifest.json)")
 

@@ -40,8 +40,9 @@ def make_folder(root: Path, pcam_jpeg: Path, per_class: int = 4, splits: bool = 
     return root
 
 
-def make_pcam_h5(root: Path, pcam_jpeg: Path, n: dict | None = None, *, gz: bool = False,
-                 meta: bool = True) -> Path:  # fmt: skip
+def make_pcam_h5(
+    root: Path, pcam_jpeg: Path, n: dict | None = None, *, gz: bool = False, meta: bool = True
+) -> Path:
     """camelyonpatch_level_2_split_{split}_{x,y}.h5[.gz] (+ _meta.csv), official shapes/dtypes."""
     import h5py
 
@@ -70,8 +71,16 @@ def make_pcam_h5(root: Path, pcam_jpeg: Path, n: dict | None = None, *, gz: bool
                 w.writerow(["", "coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"])
                 for i in range(len(paths)):
                     tumour = bool(y[i, 0, 0, 0])
-                    w.writerow([i, 1000 + 96 * i, 2000, tumour, tumour,
-                                f"camelyon16_{split}_slide_{i % 2:03d}"])  # fmt: skip
+                    w.writerow(
+                        [
+                            i,
+                            1000 + 96 * i,
+                            2000,
+                            tumour,
+                            tumour,
+                            f"camelyon16_{split}_slide_{i % 2:03d}",
+                        ]
+                    )
     return root
 
 
@@ -100,19 +109,32 @@ def make_idc(root: Path, pcam_jpeg: Path, patients: int = 6, per_class: int = 2)
                 src = sources[label * patients * per_class + p_i * per_class + j]
                 x, y = 51 + 50 * j, 1001 + 50 * k
                 _rgb(src).crop((20, 20, 70, 70)).save(
-                    d / f"{patient}_idx5_x{x}_y{y}_class{label}.png")  # fmt: skip
+                    d / f"{patient}_idx5_x{x}_y{y}_class{label}.png"
+                )
                 k += 1
     return root
 
 
 BREAKHIS_PATIENTS = [  # (B|M, type code, year, patient)
-    ("B", "A", 14, "22549AB"), ("B", "F", 14, "21998CD"), ("B", "PT", 14, "22704"),
-    ("B", "TA", 14, "19854C"), ("M", "DC", 14, "11031"), ("M", "LC", 14, "13412"),
-    ("M", "MC", 14, "13418DE"), ("M", "PC", 15, "9146"),
-]  # fmt: skip
-BREAKHIS_DIRS = {"A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor",
-                 "TA": "tubular_adenoma", "DC": "ductal_carcinoma", "LC": "lobular_carcinoma",
-                 "MC": "mucinous_carcinoma", "PC": "papillary_carcinoma"}  # fmt: skip
+    ("B", "A", 14, "22549AB"),
+    ("B", "F", 14, "21998CD"),
+    ("B", "PT", 14, "22704"),
+    ("B", "TA", 14, "19854C"),
+    ("M", "DC", 14, "11031"),
+    ("M", "LC", 14, "13412"),
+    ("M", "MC", 14, "13418DE"),
+    ("M", "PC", 15, "9146"),
+]
+BREAKHIS_DIRS = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
 
 
 def make_breakhis(root: Path, pcam_jpeg: Path, mags=("40", "400"), per_mag: int = 1) -> Path:

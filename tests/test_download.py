@@ -99,8 +99,19 @@ def test_checksum_mismatch_deletes_the_file(tmp_path, mirror, monkeypatch, capsy
     base, _ = mirror
     name = "camelyonpatch_level_2_split_valid_y.h5.gz"
     monkeypatch.setitem(download.PCAM_FILES, name, "0" * 32)
-    rc = shard.main(["--dataset", "pcam", "--download", "--cache-dir", str(tmp_path / "c"),
-                     "--url-base", base, "--out", str(tmp_path / "out")])  # fmt: skip
+    rc = shard.main(
+        [
+            "--dataset",
+            "pcam",
+            "--download",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--url-base",
+            base,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("histodist.shard: error: ") and name in err and "MD5" in err
@@ -114,8 +125,19 @@ def test_offline_fails_at_once_and_says_where_to_put_files(tmp_path, capsys):
     with socket.socket() as s:  # a port nobody listens on: connection refused, like offline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rc = shard.main(["--dataset", "pcam", "--download", "--cache-dir", str(tmp_path / "c"),
-                     "--url-base", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "o")])  # fmt: skip
+    rc = shard.main(
+        [
+            "--dataset",
+            "pcam",
+            "--download",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--url-base",
+            f"http://127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "by hand" in err and str(tmp_path / "c") in err

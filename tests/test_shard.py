@@ -22,8 +22,21 @@ def run(*args, **kw) -> int:
 def test_folder_readback_tarfile_webdataset_timm(tmp_path, pcam_jpeg):
     src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=6)
     out = tmp_path / "out"
-    assert run("--dataset", "folder", "--src", src, "--out", out, "--samples-per-shard", 5,
-               "--workers", 1) == 0  # fmt: skip
+    assert (
+        run(
+            "--dataset",
+            "folder",
+            "--src",
+            src,
+            "--out",
+            out,
+            "--samples-per-shard",
+            5,
+            "--workers",
+            1,
+        )
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["class_counts"] == [6, 6]
     assert m["splits"]["valid"]["class_counts"] == [3, 3]
@@ -59,8 +72,11 @@ def test_pcam_h5_gz_png_roundtrip(tmp_path, pcam_jpeg):
     assert run("--dataset", "pcam", "--src", src, "--out", out, "--cache-dir", tmp_path / "c") == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["encoding"] == "png" and m["group_by"] == "slide"
-    assert {s: v["num_samples"] for s, v in m["splits"].items()} == {"train": 8, "valid": 4,
-                                                                    "test": 4}  # fmt: skip
+    assert {s: v["num_samples"] for s, v in m["splits"].items()} == {
+        "train": 8,
+        "valid": 4,
+        "test": 4,
+    }
     test = fx.read_split(out, "test")
     with h5py.File(tmp_path / "c" / "camelyonpatch_level_2_split_test_x.h5") as f:
         x = f["x"][:]
@@ -96,8 +112,23 @@ def test_kaggle_real_files(tmp_path, kaggle_mini):
 def test_idc_split_is_patient_level(tmp_path, pcam_jpeg):
     src = fx.make_idc(tmp_path / "src", pcam_jpeg, patients=10, per_class=2)
     out = tmp_path / "out"
-    assert run("--dataset", "idc", "--src", src, "--out", out, "--val-fraction", 0.2,
-               "--test-fraction", 0.2, "--seed", 1) == 0  # fmt: skip
+    assert (
+        run(
+            "--dataset",
+            "idc",
+            "--src",
+            src,
+            "--out",
+            out,
+            "--val-fraction",
+            0.2,
+            "--test-fraction",
+            0.2,
+            "--seed",
+            1,
+        )
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())
     patients = {}
     for split in m["splits"]:
@@ -130,8 +161,21 @@ def test_breakhis_ham_csv(tmp_path, pcam_jpeg):
     m = json.loads((tmp_path / "o1" / "manifest.json").read_text())
     assert m["image"]["width"] == 700 and sum(s["num_samples"] for s in m["splits"].values()) == 8
     ham = fx.make_ham(tmp_path / "ham", pcam_jpeg)
-    assert run("--dataset", "ham10000", "--src", ham, "--out", tmp_path / "o2",
-               "--val-fraction", 0.2, "--test-fraction", 0.2) == 0  # fmt: skip
+    assert (
+        run(
+            "--dataset",
+            "ham10000",
+            "--src",
+            ham,
+            "--out",
+            tmp_path / "o2",
+            "--val-fraction",
+            0.2,
+            "--test-fraction",
+            0.2,
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
     assert m["group_by"] == "lesion" and len(m["classes"]) == 7 and m["task"] == "multiclass"
     assert sum(s["num_samples"] for s in m["splits"].values()) == 28
@@ -175,13 +219,28 @@ def test_verify_names_the_bad_shard(tmp_path, pcam_jpeg, capsys):
 
 def test_module_entry_point(tmp_path, kaggle_mini):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "histodist.shard", "--dataset", "kaggle-hcd",
-           "--src", str(kaggle_mini), "--out", str(out), "--workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "histodist.shard",
+        "--dataset",
+        "kaggle-hcd",
+        "--src",
+        str(kaggle_mini),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "train:" in r.stdout and (out / "manifest.json").is_file()
-    r = subprocess.run([sys.executable, "-m", "histodist.shard", "--verify", str(out)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "histodist.shard", "--verify", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "verified" in r.stdout
 
 
@@ -189,6 +248,8 @@ def test_module_entry_point(tmp_path, kaggle_mini):
 def test_bad_split_options(tmp_path, pcam_jpeg, bad, capsys):
     src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=2, splits=bad == "official")
     frac = "1.5" if bad == "fraction" else "0.2"
-    assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "o",
-               "--val-fraction", frac) == 1  # fmt: skip
+    assert (
+        run("--dataset", "folder", "--src", src, "--out", tmp_path / "o", "--val-fraction", frac)
+        == 1
+    )
     assert "fraction" in capsys.readouterr().err

@@ -68,8 +68,21 @@ def test_conversions_to_8bit_rgb_are_counted(tmp_path, pcam_jpeg):
     for name, data in files.items():
         (src / "1" / name).write_bytes(data)
     out = tmp_path / "out"
-    assert run("--dataset", "folder", "--src", src, "--out", out, "--val-fraction", 0,
-               "--test-fraction", 0) == 0  # fmt: skip
+    assert (
+        run(
+            "--dataset",
+            "folder",
+            "--src",
+            src,
+            "--out",
+            out,
+            "--val-fraction",
+            0,
+            "--test-fraction",
+            0,
+        )
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["converted"] == {"grayscale": 1, "rgba": 1, "palette": 1, "16bit": 1, "other": 0}
     for key, sample in fx.read_split(out, "train").items():
@@ -157,21 +170,24 @@ def test_pcam_label_outside_class_list(tmp_path, pcam_jpeg, capsys):
     one_line_error(capsys, "train_y.h5", "row 2", "label 2")
 
 
-@pytest.mark.parametrize("shape", ["x3d", "ycount"])
+@pytest.mark.parametrize("shape", ["x3d", "ycount", "not-hdf5"])
 def test_h5_of_the_wrong_shape(tmp_path, pcam_jpeg, capsys, shape):
     import h5py
 
     src = fx.make_pcam_h5(tmp_path / "src", pcam_jpeg, n={"train": 4}, meta=False)
-    part = "x" if shape == "x3d" else "y"
+    part = "y" if shape == "ycount" else "x"
     path = src / f"camelyonpatch_level_2_split_train_{part}.h5"
     path.unlink()
-    with h5py.File(path, "w") as f:
-        if shape == "x3d":
-            f["x"] = np.zeros((4, 96, 96), np.uint8)
-        else:
-            f["y"] = np.zeros((3, 1, 1, 1), np.uint8)
+    if shape == "not-hdf5":
+        path.write_bytes(b"<html>quota exceeded</html>")
+    else:
+        with h5py.File(path, "w") as f:
+            if shape == "x3d":
+                f["x"] = np.zeros((4, 96, 96), np.uint8)
+            else:
+                f["y"] = np.zeros((3, 1, 1, 1), np.uint8)
     assert run("--dataset", "pcam", "--src", src, "--out", tmp_path / "out") == 1
-    one_line_error(capsys, path.name, "expected")
+    one_line_error(capsys, path.name, "not a readable HDF5" if shape == "not-hdf5" else "expected")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -204,7 +220,6 @@ def test_crash_mid_shard_leaves_no_shard_and_no_manifest(tmp_path, pcam_jpeg, mo
 
     monkeypatch.setattr(imageio, "prepare", flaky)
     with pytest.raises(RuntimeError):
-        run("--dataset", "folder", "--src", src, "--out", out, "--encoding", "png",
-            "--workers", 1)  # fmt: skip
+        run("--dataset", "folder", "--src", src, "--out", out, "--encoding", "png", "--workers", 1)
     names = sorted(p.name for p in out.iterdir())
     assert "manifest.json" not in names and not [n for n in names if n.endswith(".tmp")]

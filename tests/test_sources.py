@@ -66,8 +66,9 @@ def test_breakhis_labels_and_magnification(tmp_path, pcam_jpeg):
     assert scan.classes == ["benign", "malignant"] and len(scan.pool) == 16
     it = next(i for i in scan.pool if i.key == "SOB_B_A-14-22549AB-40-001")
     assert it.label == 0 and it.group == "22549AB" and it.extra["magnification"] == "40X"
-    sub = sources.scan("breakhis", root, SourceOptions(magnification="400X",
-                                                       breakhis_labels="subtype"))  # fmt: skip
+    sub = sources.scan(
+        "breakhis", root, SourceOptions(magnification="400X", breakhis_labels="subtype")
+    )
     assert len(sub.classes) == 8 and len(sub.pool) == 8
     assert sorted(it.label for it in sub.pool) == list(range(8))
 
@@ -95,8 +96,11 @@ def test_group_split_is_stratified_and_never_shares_a_group():
     items = [Item(f"k{i}", f"{i}.png", i % 2, f"p{i // 4}") for i in range(400)]  # 100 patients
     splits = split_items(items, 2, {"valid": 0.1, "test": 0.2}, seed=3)
     groups = {s: {it.group for it in v} for s, v in splits.items()}
-    assert not (groups["train"] & groups["valid"] or groups["train"] & groups["test"]
-                or groups["valid"] & groups["test"])  # fmt: skip
+    assert not (
+        groups["train"] & groups["valid"]
+        or groups["train"] & groups["test"]
+        or groups["valid"] & groups["test"]
+    )
     assert sum(len(v) for v in splits.values()) == 400
     assert len(splits["valid"]) == 40 and len(splits["test"]) == 80
     assert Counter(it.label for it in splits["test"]) == {0: 40, 1: 40}

@@ -94,16 +94,49 @@ def encoding_rows(tmp: Path, src: Path, dataset: str, encodings, split: str) -> 
     rows = []
     for enc in encodings:
         out = tmp / f"{dataset}-{enc}"
-        m, dt = shard_once(["--dataset", dataset, "--src", str(src), "--out", str(out),
-                            "--encoding", enc, "--workers", "1", "--val-fraction", "0",
-                            "--test-fraction", "0"] if dataset == "folder" else
-                           ["--dataset", dataset, "--src", str(src), "--out", str(out),
-                            "--encoding", enc, "--workers", "1"])  # fmt: skip
+        m, dt = shard_once(
+            [
+                "--dataset",
+                dataset,
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--encoding",
+                enc,
+                "--workers",
+                "1",
+                "--val-fraction",
+                "0",
+                "--test-fraction",
+                "0",
+            ]
+            if dataset == "folder"
+            else [
+                "--dataset",
+                dataset,
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--encoding",
+                enc,
+                "--workers",
+                "1",
+            ]
+        )
         s = m["splits"][split]
         n, size = s["num_samples"], sum(sh["bytes"] for sh in s["shards"])
-        rows.append({"source": dataset, "encoding": enc, "images": n,
-                     "bytes_per_image": round(size / n), "write_images_per_s": round(n / dt),
-                     "decode_images_per_s": round(decode_rate(out, m, split))})  # fmt: skip
+        rows.append(
+            {
+                "source": dataset,
+                "encoding": enc,
+                "images": n,
+                "bytes_per_image": round(size / n),
+                "write_images_per_s": round(n / dt),
+                "decode_images_per_s": round(decode_rate(out, m, split)),
+            }
+        )
     return rows
 
 
@@ -119,8 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="histodist-bench-shard-") as t:
         tmp = Path(t)
         for w in [int(x) for x in args.workers.split(",")]:
-            m, dt = shard_once(["--dataset", "folder", "--src", str(src),
-                                "--out", str(tmp / f"w{w}"), "--workers", str(w)])  # fmt: skip
+            m, dt = shard_once(
+                [
+                    "--dataset",
+                    "folder",
+                    "--src",
+                    str(src),
+                    "--out",
+                    str(tmp / f"w{w}"),
+                    "--workers",
+                    str(w),
+                ]
+            )
             n = sum(s["num_samples"] for s in m["splits"].values())
             row = {
                 "workers": w,
@@ -131,14 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             results["throughput"].append(row)
             print(f"shard folder {src}: workers={w}: {n} images in {dt:.1f} s = {n / dt:.0f} img/s")
         sub = subset(src, tmp / "subset", args.limit)
-        results["encodings"] += encoding_rows(tmp, sub, "folder", ["original", "png", "raw",
-                                                                   "jpeg"], "train")  # fmt: skip
+        results["encodings"] += encoding_rows(
+            tmp, sub, "folder", ["original", "png", "raw", "jpeg"], "train"
+        )
         h5 = h5_from(sub, tmp / "h5")
         results["encodings"] += encoding_rows(tmp, h5, "pcam", ["png", "raw"], "train")
     print(f"{'source':8} {'encoding':9} {'bytes/img':>10} {'write img/s':>12} {'decode img/s':>13}")
     for r in results["encodings"]:
-        print(f"{r['source']:8} {r['encoding']:9} {r['bytes_per_image']:>10} "
-              f"{r['write_images_per_s']:>12} {r['decode_images_per_s']:>13}")  # fmt: skip
+        print(
+            f"{r['source']:8} {r['encoding']:9} {r['bytes_per_image']:>10} "
+            f"{r['write_images_per_s']:>12} {r['decode_images_per_s']:>13}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -16,10 +16,15 @@ from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
 
 BINARY = ["benign", "malignant"]
 SUBTYPES = {  # code -> name, benign first (as in the BreaKHis paper)
-    "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
-    "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
     "PC": "papillary_carcinoma",
-}  # fmt: skip
+}
 NAME = re.compile(
     r"SOB_(?P<bm>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(?P<patient>[0-9A-Za-z]+)"
     r"-(?P<mag>\d+)-(?P<seq>\d+)\.png"
@@ -45,8 +50,12 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
         benign = list(SUBTYPES).index(m["type"]) < 4
         if benign != (m["bm"] == "B"):
             raise SourceError(f"{p}: type {m['type']} does not match {m['bm']}")
-        extra = {"patient": m["patient"], "magnification": mag, "subtype": name,
-                 "tumor_class": BINARY[m["bm"] == "M"]}  # fmt: skip
+        extra = {
+            "patient": m["patient"],
+            "magnification": mag,
+            "subtype": name,
+            "tumor_class": BINARY[m["bm"] == "M"],
+        }
         label = classes.index(name) if subtype else int(m["bm"] == "M")
         items.append(Item(p.stem, p.relative_to(src).as_posix(), label, m["patient"], extra))
     if not items and opts.magnification:

@@ -31,8 +31,10 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
         reader = csv.DictReader(f)
         missing = [c for c in wanted if c not in (reader.fieldnames or ())]
         if missing:
-            raise SourceError(f"{src}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
-                              "set --image-column / --label-column")  # fmt: skip
+            raise SourceError(
+                f"{src}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
+                "set --image-column / --label-column"
+            )
         rows = [(reader.line_num, r) for r in reader]
     root = src.parent
     for line, r in rows:
@@ -43,9 +45,13 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     classes = sort_classes({r[opts.label_column] for _, r in rows})
     rel = [Path(r[opts.image_column]).as_posix() for _, r in rows]
     items = [
-        Item(key, path, classes.index(r[opts.label_column]),
-             r[opts.group_column] if opts.group_column else None)
+        Item(
+            key,
+            path,
+            classes.index(r[opts.label_column]),
+            r[opts.group_column] if opts.group_column else None,
+        )
         for key, path, (_, r) in zip(unique_keys(rel), rel, rows, strict=True)
-    ]  # fmt: skip
+    ]
     group_by = opts.group_column if opts.group_column else None
     return Scan(classes, group_by, {}, items, FileReader(root))

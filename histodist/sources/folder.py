@@ -20,8 +20,13 @@ from histodist.sources import (
     unique_keys,
 )
 
-SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
-               "test": "test"}  # fmt: skip
+SPLIT_NAMES = {
+    "train": "train",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "test": "test",
+}
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -44,8 +49,9 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     if not split_dirs:
         per_class = _class_files(src)
         if not per_class:
-            raise SourceError(f"{src}: no class folders (expected <class>/<image> or "
-                              "<split>/<class>/<image>)")  # fmt: skip
+            raise SourceError(
+                f"{src}: no class folders (expected <class>/<image> or <split>/<class>/<image>)"
+            )
         classes = sort_classes(per_class)
         files = [(f, classes.index(c)) for c, fs in per_class.items() for f in fs]
         return Scan(classes, None, {}, _items(src, files), FileReader(src))

@@ -23,13 +23,15 @@ def read_metadata(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not set(COLUMNS) <= set(reader.fieldnames or ()):
-            raise SourceError(f"{path}: expected columns {','.join(COLUMNS)}, "
-                              f"found {reader.fieldnames}")  # fmt: skip
+            raise SourceError(
+                f"{path}: expected columns {','.join(COLUMNS)}, found {reader.fieldnames}"
+            )
         rows = []
         for row in reader:
             if row["dx"] not in CLASSES:
-                raise SourceError(f"{path}: line {reader.line_num}: dx {row['dx']!r} "
-                                  f"is not one of {CLASSES}")  # fmt: skip
+                raise SourceError(
+                    f"{path}: line {reader.line_num}: dx {row['dx']!r} is not one of {CLASSES}"
+                )
             rows.append(row)
     return rows
 
@@ -43,12 +45,15 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     ids = {r["image_id"] for r in rows}
     stray = sorted(set(files) - ids)
     if stray:
-        raise SourceError(f"{files[stray[0]]}: image has no row in {METADATA} "
-                          f"({len(stray)} such images)")  # fmt: skip
+        raise SourceError(
+            f"{files[stray[0]]}: image has no row in {METADATA} ({len(stray)} such images)"
+        )
     missing = sorted(ids - set(files))
     if missing:
-        raise SourceError(f"{folder / METADATA}: row for {missing[0]!r} but no image file "
-                          f"({len(missing)} such rows)")  # fmt: skip
+        raise SourceError(
+            f"{folder / METADATA}: row for {missing[0]!r} but no image file "
+            f"({len(missing)} such rows)"
+        )
     items = []
     for r in sorted(rows, key=lambda r: r["image_id"]):
         extra = {k: v for k, v in r.items() if k not in ("image_id", "dx") and v is not None}

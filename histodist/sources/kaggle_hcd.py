@@ -26,8 +26,10 @@ def read_labels(path: Path) -> dict[str, int]:
         labels = {}
         for row in reader:
             if row["label"] not in CLASSES:
-                raise SourceError(f"{path}: line {reader.line_num}: label {row['label']!r} "
-                                  f"is not one of {CLASSES}")  # fmt: skip
+                raise SourceError(
+                    f"{path}: line {reader.line_num}: label {row['label']!r} "
+                    f"is not one of {CLASSES}"
+                )
             labels[row["id"]] = int(row["label"])
     return labels
 
@@ -40,12 +42,16 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     files = {p.stem: p for p in sorted(train_dir.glob("*.tif"))}
     unlabelled = sorted(set(files) - set(labels))
     if unlabelled:
-        raise SourceError(f"{files[unlabelled[0]]}: image has no label in train_labels.csv "
-                          f"({len(unlabelled)} such images)")  # fmt: skip
+        raise SourceError(
+            f"{files[unlabelled[0]]}: image has no label in train_labels.csv "
+            f"({len(unlabelled)} such images)"
+        )
     orphans = sorted(set(labels) - set(files))
     if orphans:
-        raise SourceError(f"{src / 'train_labels.csv'}: label for {orphans[0]!r} but no "
-                          f"train/{orphans[0]}.tif ({len(orphans)} such labels)")  # fmt: skip
+        raise SourceError(
+            f"{src / 'train_labels.csv'}: label for {orphans[0]!r} but no "
+            f"train/{orphans[0]}.tif ({len(orphans)} such labels)"
+        )
     pool = [Item(k, f"train/{k}.tif", labels[k]) for k in files]
     tests = [Item(p.stem, f"test/{p.name}", None) for p in sorted(src.glob("test/*.tif"))]
     official = {"test": tests} if tests else {}

@@ -84,10 +84,15 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
         grouped |= meta is not None
         paths[x.name] = str(x)
         official[split] = [
-            Item(f"{split}_patch{i:07d}", f"{x.name}:{i}", int(lab),
-                 meta[i]["wsi"] if meta else None, meta[i] if meta else {})
+            Item(
+                f"{split}_patch{i:07d}",
+                f"{x.name}:{i}",
+                int(lab),
+                meta[i]["wsi"] if meta else None,
+                meta[i] if meta else {},
+            )
             for i, lab in enumerate(labels)
-        ]  # fmt: skip
+        ]
     if not official:
         raise SourceError(f"{folder}: no {file_name('train', 'x')}[.gz] (or valid/test) files")
     return Scan(CLASSES, "slide" if grouped else None, official, [], H5Reader(paths), ordered=True)
@@ -116,29 +121,32 @@ def _locate(folder: Path, name: str, cache: Path) -> Path | None:
 
 
 def _read_labels(x: Path, y: Path) -> np.ndarray:
-    """Check shapes and return the (N,) uint8 labels."""
-    import h5py
-
-    try:
-        with h5py.File(x, "r") as fx, h5py.File(y, "r") as fy:
-            if "x" not in fx or "y" not in fy:
-                bad = x if "x" not in fx else y
-                raise SourceError(f"{bad}: no dataset {'x' if bad == x else 'y'!r}")
-            dx, dy = fx["x"], fy["y"]
-            if dx.dtype != np.uint8 or dx.ndim != 4 or dx.shape[3] != 3:
-                raise SourceError(f"{x}: dataset x is {dx.dtype} {dx.shape}, "
-                                  "expected uint8 (N, 96, 96, 3)")  # fmt: skip
-            if dy.shape[0] != dx.shape[0] or int(np.prod(dy.shape[1:])) != 1:
-                raise SourceError(
-                    f"{y}: dataset y is {dy.shape}, expected ({dx.shape[0]}, 1, 1, 1)"
-                )
-            labels = dy[:].reshape(-1)  # N bytes: the labels are small, the pixels never loaded
-    except OSError as e:
-        raise SourceError(f"{x.parent}: cannot read HDF5 ({e})") from e
+    """Check shapes and return the (N,) uint8 labels; the pixels are never loaded here."""
+    with _open_h5(x) as fx, _open_h5(y) as fy:
+        for f, path, name in ((fx, x, "x"), (fy, y, "y")):
+            if name not in f:
+                raise SourceError(f"{path}: no dataset {name!r}")
+        dx, dy = fx["x"], fy["y"]
+        if dx.dtype != np.uint8 or dx.ndim != 4 or dx.shape[3] != 3:
+            raise SourceError(
+                f"{x}: dataset x is {dx.dtype} {dx.shape}, expected uint8 (N, 96, 96, 3)"
+            )
+        if dy.shape[0] != dx.shape[0] or int(np.prod(dy.shape[1:])) != 1:
+            raise SourceError(f"{y}: dataset y is {dy.shape}, expected ({dx.shape[0]}, 1, 1, 1)")
+        labels = dy[:].reshape(-1)
     bad = np.flatnonzero(labels > 1)
     if bad.size:
         raise SourceError(f"{y}: row {bad[0]}: label {labels[bad[0]]} is not one of {CLASSES}")
     return labels
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise SourceError(f"{path}: not a readable HDF5 file ({e})") from e
 
 
 def _read_meta(path: Path, n: int) -> list[dict] | None:
