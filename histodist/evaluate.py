@@ -136,7 +136,8 @@ def run_eval(args, acc) -> int:
     metrics = score(preds, run.classes, youden=threshold, n_boot=args.bootstrap, seed=args.seed)
     metrics.update(checkpoint=run.meta.get("step"), which=args.checkpoint, tta=args.tta,
                    source=args.input or f"{shards}:{split}", youden_chosen_on=chosen_on,
-                   num_predictions=len(preds), unreadable=len(preds.errors))  # fmt: skip
+                   num_predictions=len(preds), unreadable=len(preds.errors),
+        world_size=acc.num_processes)  # fmt: skip
     out = Path(args.out) if args.out else run.run_dir / name
     figures = write_outputs(out, metrics, preds, run.classes)
     for level in ("patch", "group_mean", "group_max"):

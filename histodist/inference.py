@@ -73,9 +73,12 @@ def load_run(run_dir: str | os.PathLike, which: str = "best") -> Run:
     model.eval()
     mpath = run_dir / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
-    classes = [str(c) for c in manifest.get("classes") or range(cfg.data.num_classes)]
+    classes = [str(c) for c in meta.get("classes") or manifest.get("classes")
+               or range(cfg.data.num_classes)]  # fmt: skip
     size = int(meta.get("image_size") or cfg.data.image_size)
-    if cfg.augment.normalize == "model" or not manifest.get("mean"):
+    if meta.get("mean") and meta.get("std"):  # what training normalised with, recorded
+        mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    elif cfg.augment.normalize == "model" or not manifest.get("mean"):
         mean, std = model_norm(model)
     else:
         mean, std = tuple(manifest["mean"]), tuple(manifest["std"])

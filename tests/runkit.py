@@ -58,3 +58,18 @@ def make_run(run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0) -> 
             "image_size": IMAGE_SIZE}  # fmt: skip
     (ckpt / "meta.json").write_text(json.dumps(meta))
     return run_dir
+
+
+def tiny_run(pcam_jpeg: Path, base: Path) -> tuple[Path, Path]:
+    """(run folder, shards) shared by the test modules of a session: real PCam patches in
+    shards of 7 (train 24 + 24, valid 10 + 10, test 8 + 8 taken from pcam-jpeg's train)."""
+    from shardkit import pcam_images, write_shards
+
+    shards = base / "tiny-shards"
+    if not (shards / "manifest.json").is_file():
+        more = pcam_images(pcam_jpeg, "train", 32)
+        images = {"train": pcam_images(pcam_jpeg, "train", 24),
+                  "valid": pcam_images(pcam_jpeg, "valid", 10),
+                  "test": more[24:32] + more[56:64]}  # fmt: skip
+        write_shards(shards, images, 7)
+    return make_run(base / "runs" / "tiny", shards), shards

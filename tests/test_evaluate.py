@@ -2,14 +2,18 @@
 
 import csv
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runkit import IMAGE_SIZE, make_run
-from shardkit import pcam_images, write_shards
+from runkit import IMAGE_SIZE, tiny_run
+from shardkit import pcam_images
 from sklearn.metrics import roc_auc_score
 
 from histodist import evaluate
@@ -17,15 +21,7 @@ from histodist import evaluate
 
 @pytest.fixture(scope="module")
 def setup(pcam_jpeg, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shards = base / "eval-shards"
-    if not (shards / "manifest.json").is_file():
-        more = pcam_images(pcam_jpeg, "train", 32)  # pcam-jpeg has no test split: train 24..31
-        images = {"train": pcam_images(pcam_jpeg, "train", 24),
-                  "valid": pcam_images(pcam_jpeg, "valid", 10),
-                  "test": more[24:32] + more[56:64]}  # fmt: skip
-        write_shards(shards, images, 7)
-    return make_run(base / "runs" / "tiny", shards), shards
+    return tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())
 
 
 def _read_csv(path):
@@ -110,3 +106,30 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert evaluate.main(["--run", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("histodist.evaluate: error:") and "run folder" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path):
+    run_dir, _ = setup
+    common = ["--run", str(run_dir), "--split", "valid", "--workers", "0", "--bootstrap", "50",
+              "--no-progress"]  # fmt: skip
+    assert evaluate.main(common + ["--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+           "-m", "histodist.evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    keys = [r["key"] for r in _read_csv(tmp_path / "two" / "predictions.csv")]
+    assert len(keys) == len(set(keys)) == 20
+    for k in ("n", "accuracy", "auc", "nll", "ece"):
+        assert two["patch"][k] == pytest.approx(one["patch"][k], abs=1e-6), k

@@ -3,8 +3,7 @@
 import pytest
 import torch
 from PIL import Image
-from runkit import make_run
-from shardkit import pcam_images, write_shards
+from runkit import tiny_run
 from torch import nn
 
 from histodist import explain
@@ -58,11 +57,7 @@ def test_gradcam_peaks_on_the_planted_square():
 @pytest.mark.parametrize("mode", [["--top-losses", "5"], ["--random", "4"]])
 def test_explain_writes_a_grid_of_the_chosen_images(mode, pcam_jpeg, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    shards = base / "explain-shards"
-    if not (shards / "manifest.json").is_file():
-        write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 24),
-                              "valid": pcam_images(pcam_jpeg, "valid", 6)}, 12)  # fmt: skip
-    run_dir = make_run(base / "runs" / "tiny-explain", shards)
+    run_dir, _ = tiny_run(pcam_jpeg, base)
     out = base / f"grid{mode[0]}.png"
     assert explain.main(["--run", str(run_dir), "--split", "valid", *mode, "--workers", "0",
                          "--out", str(out), "--no-progress"]) == 0  # fmt: skip

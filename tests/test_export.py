@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runkit import make_run
-from shardkit import pcam_images, write_shards
+from runkit import tiny_run
+from shardkit import pcam_images
 
 from histodist import export, inference
 
 
 @pytest.fixture(scope="module")
 def run_dir(pcam_jpeg, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shards = base / "export-shards"
-    if not (shards / "manifest.json").is_file():
-        write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 24),
-                              "valid": pcam_images(pcam_jpeg, "valid", 6)}, 12)  # fmt: skip
-    return make_run(base / "runs" / "tiny-export", shards)
+    return tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())[0]
 
 
 def _preprocess(paths, meta):

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from runkit import make_run
-from shardkit import pcam_images, write_shards
+from runkit import tiny_run
+from shardkit import pcam_images
 
 from histodist import inference, predict
 from histodist.augment import dihedral
@@ -16,12 +16,7 @@ from histodist.augment import dihedral
 
 @pytest.fixture(scope="module")
 def run_dir(pcam_jpeg, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shards = base / "predict-shards"
-    if not (shards / "manifest.json").is_file():
-        write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 24),
-                              "valid": pcam_images(pcam_jpeg, "valid", 6)}, 12)  # fmt: skip
-    return make_run(base / "runs" / "tiny-predict", shards)
+    return tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())[0]
 
 
 def _rows(path):
@@ -92,10 +87,10 @@ def test_csv_of_ids_and_shards_inputs(run_dir, kaggle_mini, tmp_path):
         truth = {r["id"]: r["label"] for r in csv.DictReader(f)}
     assert {r["key"]: r["label"] for r in rows} == truth and all(r["prob_1"] for r in rows)
     # A shard folder: its split, every sample once.
-    shards = run_dir.parent.parent / "predict-shards"
+    shards = run_dir.parent.parent / "tiny-shards"
     assert predict.main(args + ["--input", str(shards), "--split", "valid",
                                 "--out", str(tmp_path / "s.csv")]) == 0  # fmt: skip
-    assert len({r["key"] for r in _rows(tmp_path / "s.csv")}) == 12
+    assert len({r["key"] for r in _rows(tmp_path / "s.csv")}) == 20
 
 
 def test_missing_input_is_a_one_line_error(run_dir, tmp_path, capsys):
