@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import random
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -125,30 +126,48 @@ def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache
         warnings.warn(f"skipping bad shard {url}: {exn}", stacklevel=1)
 
 
-def _decode_image(ext: str, data: bytes) -> torch.Tensor:
-    """Encoded bytes -> uint8 (3,H,W). Pickle is never used (np.load with allow_pickle=False)."""
-    if ext == "npy":
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+)(?:, (\d+))?\), \}"
+)
+
+
+def _decode_npy(data: bytes) -> torch.Tensor:
+    """uint8 .npy (H,W[,C]) -> (3,H,W). np.save's own header is parsed directly (np.load spends
+    ~0.3 ms per 96x96 image in its header parser); anything else goes to np.load, always with
+    allow_pickle=False."""
+    m = _NPY_HEADER.match(data, 10) if data[:8] == b"\x93NUMPY\x01\x00" else None
+    if m is not None:
+        h, w, c = (int(v) if v else 1 for v in m.groups())
+        start = 10 + int.from_bytes(data[8:10], "little")
+        if len(data) - start != h * w * c:
+            raise DataError(f".npy payload of {len(data) - start} bytes for shape {(h, w, c)}")
+        t = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8).view(h, w, c)
+    else:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
-        if arr.dtype != np.uint8:
-            raise DataError(f".npy image has dtype {arr.dtype}, expected uint8")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        t = t.unsqueeze(-1) if t.ndim == 2 else t
-        return (
-            t.permute(2, 0, 1).expand(3, -1, -1).contiguous()
-            if t.shape[-1] == 1
-            else (t[..., :3].permute(2, 0, 1).contiguous())
-        )
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise DataError(f".npy image of dtype {arr.dtype}, shape {arr.shape}: want uint8 HxWx3")
+        t = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).copy())
+    if t.shape[-1] not in (1, 3, 4):
+        raise DataError(f".npy image of shape {tuple(t.shape)}: want HxW, HxWx1, HxWx3 or HxWx4")
+    return t[..., :3].permute(2, 0, 1).expand(3, -1, -1)
+
+
+def _decode_image(ext: str, data: bytes) -> torch.Tensor:
+    """Encoded bytes -> uint8 (3,H,W), possibly a strided view (collate copies it once).
+    Nothing is ever unpickled."""
+    if ext == "npy":
+        return _decode_npy(data)
     if ext in _TV_EXTS:
         from torchvision.io import ImageReadMode, decode_image
 
         # bytearray: torch.frombuffer wants a writable buffer; torchvision's decoders are
-        # ~1.7x faster than PIL + numpy on PCam JPEGs (see histodist.bench loader).
+        # ~1.5x faster than PIL + numpy on PCam JPEGs (see histodist.bench loader).
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        arr = np.array(im.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def _resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -279,3 +279,28 @@ def test_manifest_errors_name_the_file(tmp_path):
         data.load_manifest(str(tmp_path))
     with pytest.raises(ShardError, match="nowhere"):
         data.load_manifest(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_object_npy_is_rejected_not_unpickled(tmp_path, images):
+    """A .npy holding a pickled object array fails to decode (allow_pickle=False): counted."""
+    marker = tmp_path / "unpickled"
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Boom(str(marker))
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    items = images["valid"][:4]
+    write_shards(tmp_path / "n", {"valid": items}, 4, encoding="raw")
+    # replace the first sample's image by the object array
+    path = tmp_path / "n" / "valid-000000.tar"
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w") as tf:
+        for m, payload in members:
+            payload = buf.getvalue() if m.name == f"{items[0][0].stem}.npy" else payload
+            m.size = len(payload)
+            tf.addfile(m, io.BytesIO(payload))
+    loader = data.eval_loader(str(tmp_path / "n"), "valid", batch_size=4, rank=0, world_size=1,
+                              workers=0)  # fmt: skip
+    assert len(keys_of(loader)) == 3 and loader.stats()["decode_errors"] == 1
+    assert not marker.exists()
