@@ -125,6 +125,20 @@ def _source(args, run: inference.Run) -> tuple[str | None, str | None, str]:
     return shards, split, f"eval-{split}"
 
 
+def _check_count(metrics: dict, shards: str, split: str) -> None:
+    """Record the manifest's sample count; warn when fewer were scored (decode errors, or
+    bad shards skipped)."""
+    import warnings
+
+    from histodist.data import load_manifest
+
+    expected = load_manifest(shards)["splits"][split]["num_samples"]
+    metrics["expected_samples"] = expected
+    if metrics["num_predictions"] != expected:
+        warnings.warn(f"{shards}:{split}: scored {metrics['num_predictions']} of {expected} "
+                      "samples (unreadable samples were skipped)", stacklevel=2)  # fmt: skip
+
+
 def run_eval(args, acc) -> int:
     run = inference.load_run(args.run, args.checkpoint)
     shards, split, name = _source(args, run)
@@ -134,10 +148,18 @@ def run_eval(args, acc) -> int:
         return 0
     inference.warn_unreadable(preds)
     metrics = score(preds, run.classes, youden=threshold, n_boot=args.bootstrap, seed=args.seed)
-    metrics.update(checkpoint=run.meta.get("step"), which=args.checkpoint, tta=args.tta,
-                   source=args.input or f"{shards}:{split}", youden_chosen_on=chosen_on,
-                   num_predictions=len(preds), unreadable=len(preds.errors),
-        world_size=acc.num_processes)  # fmt: skip
+    metrics.update(
+        checkpoint=run.meta.get("step"),
+        which=args.checkpoint,
+        tta=args.tta,
+        source=args.input or f"{shards}:{split}",
+        youden_chosen_on=chosen_on,
+        num_predictions=len(preds),
+        unreadable=len(preds.errors),
+        world_size=acc.num_processes,
+    )
+    if shards is not None:
+        _check_count(metrics, shards, split)
     out = Path(args.out) if args.out else run.run_dir / name
     figures = write_outputs(out, metrics, preds, run.classes)
     for level in ("patch", "group_mean", "group_max"):
@@ -145,9 +167,16 @@ def run_eval(args, acc) -> int:
             print(report.format_table(metrics[level], f"{name} {level} (tta={args.tta})"))
     print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, reliability.png")
     log = run.cfg.log
-    report.log_wandb(args.wandb or log.wandb, project=log.project, entity=log.entity,
-                     name=f"{run.run_dir.name}-{name}", job_type="eval", metrics=metrics,
-                     images=figures)  # fmt: skip
+    report.log_wandb(
+        args.wandb or log.wandb,
+        project=log.project,
+        entity=log.entity,
+        name=f"{run.run_dir.name}-{name}",
+        job_type="eval",
+        metrics=metrics,
+        images=figures,
+        run_dir=run.run_dir,
+    )
     return 0
 
 

@@ -135,7 +135,7 @@ def run_explain(args) -> int:
     log = run.cfg.log
     report.log_wandb(args.wandb or log.wandb, project=log.project, entity=log.entity,
                      name=f"{run.run_dir.name}-explain", job_type="explain", metrics={},
-                     images={f"explain/{mode}": out})  # fmt: skip
+                     images={f"explain/{mode}": out}, run_dir=run.run_dir)  # fmt: skip
     return 0
 
 

@@ -9,6 +9,7 @@ Figures use matplotlib's Agg backend so nothing needs a display.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -375,9 +376,11 @@ def log_wandb(
     metrics: dict,
     images: dict[str, Path] | None = None,
     config: dict | None = None,
+    run_dir: Path | None = None,
 ) -> None:
     """Log a flat view of ``metrics`` and PNGs to a new W&B run (main process only; wandb is
-    imported here so it is never needed when disabled)."""
+    imported here so it is never needed when disabled). Files go under WANDB_DIR when set,
+    else beside the training run's in ``run_dir``."""
     from histodist.tracking import resolve_wandb_mode
 
     mode, note = resolve_wandb_mode(mode)
@@ -387,8 +390,9 @@ def log_wandb(
         return
     import wandb
 
+    where = None if os.environ.get("WANDB_DIR") or run_dir is None else str(run_dir)
     run = wandb.init(project=project, entity=entity, name=name, job_type=job_type, mode=mode,
-                     config=config, reinit="finish_previous")  # fmt: skip
+                     config=config, dir=where, reinit="finish_previous")  # fmt: skip
     run.log({**flatten(metrics), **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}})
     run.finish()
 

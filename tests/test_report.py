@@ -119,3 +119,17 @@ def test_plots_write_pngs(tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(x.name for x in tmp_path.glob("*.png")) == ["cm.png", "rel.png", "roc.png"]
     assert "accuracy" in report.format_table(m)
+
+
+def test_log_wandb_offline_writes_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    png = report.plot_reliability(_two([0.2, 0.8]), np.array([0, 1]), tmp_path / "r.png")
+    report.log_wandb("offline", project="histodist-test", entity=None, name="eval",
+                     job_type="eval", metrics={"patch": {"auc": 0.9, "confusion": [[1]]}},
+                     images={"reliability": png})  # fmt: skip
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert report.flatten({"patch": {"auc": 0.9, "at": {"t": 1}}, "x": [1]}) == {
+        "patch/auc": 0.9,
+        "patch/at/t": 1,
+    }
+    report.log_wandb("disabled", project="p", entity=None, name="n", job_type="eval", metrics={})
