@@ -24,6 +24,7 @@ from histodist import imageio
 from histodist.sources import Item, Reader
 
 INFO_DIR = ".shardinfo"
+WRITER_VERSION = 2  # bump when the bytes written for the same plan change: forces rewrites
 
 
 @dataclass
@@ -37,10 +38,12 @@ class ShardTask:
     classes: list[str]
     encoding: str = "auto"
     quality: int = 95
-    stats: bool = False  # accumulate pixel sums for mean/std (train split)
+    stats: bool = False  # accumulate per-channel histograms for mean/std (train split)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.encoding}|{self.quality}|{self.classes}".encode())
+        h = hashlib.sha256(
+            f"{WRITER_VERSION}|{self.encoding}|{self.quality}|{self.classes}".encode()
+        )
         for it in self.items:
             h.update(
                 f"\n{it.key}|{it.source}|{it.label}|{it.group}|{sorted(it.extra.items())}".encode()
@@ -78,22 +81,24 @@ def write_shard(task: ShardTask) -> dict:
     path = Path(task.out_dir) / task.name
     tmp = path.with_name(path.name + ".tmp")
     rec = _new_record(task)
-    sums = [np.zeros(3, np.float64), np.zeros(3, np.float64)]
+    hist = np.zeros((3, 256), np.int64)  # exact integer counts, cheap: np.bincount per channel
     try:
-        _fill(tmp, task, rec, sums)
+        _fill(tmp, task, rec, hist)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave a partial shard behind
         raise
-    rec["sum"], rec["sumsq"] = sums[0].tolist(), sums[1].tolist()
+    v = np.arange(256) / 255.0
+    rec["sum"], rec["sumsq"] = (hist @ v).tolist(), (hist @ (v * v)).tolist()
+    rec["pixels"] = int(hist[0].sum())
     rec["bytes"], rec["sha256"] = tmp.stat().st_size, sha256_file(tmp)
     os.replace(tmp, path)
     _atomic_write(_info_path(task), json.dumps(rec))
     return {**rec, "reused": False}
 
 
-def _fill(tmp: Path, task: ShardTask, rec: dict, sums: list) -> None:
+def _fill(tmp: Path, task: ShardTask, rec: dict, hist: np.ndarray) -> None:
     """Read, check, encode and append every sample of the task to the tar file `tmp`."""
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for item, payload in task.reader.read(task.items):
             if isinstance(payload, Exception):
                 _reject(rec, item, getattr(payload, "strerror", None) or str(payload))
@@ -104,7 +109,7 @@ def _fill(tmp: Path, task: ShardTask, rec: dict, sums: list) -> None:
                 _reject(rec, item, str(e))
                 continue
             _add_sample(tar, item, enc, task.classes)
-            _count(rec, item, enc, sums if task.stats else None)
+            _count(rec, item, enc, hist if task.stats else None)
 
 
 def _new_record(task: ShardTask) -> dict:
@@ -117,7 +122,7 @@ def _new_record(task: ShardTask) -> dict:
         "converted": dict.fromkeys(imageio.CONVERSIONS, 0),
         "rejected": [],
         "sizes": {},  # "HxW" -> count
-        "pixels": 0,  # pixels summed into sum / sumsq
+        "pixels": 0,  # pixels summed into sum / sumsq (values in [0, 1])
     }
 
 
@@ -125,7 +130,7 @@ def _reject(rec: dict, item: Item, reason: str) -> None:
     rec["rejected"].append({"key": item.key, "source": item.source, "reason": reason})
 
 
-def _count(rec: dict, item: Item, enc: imageio.Encoded, sums) -> None:
+def _count(rec: dict, item: Item, enc: imageio.Encoded, hist: np.ndarray | None) -> None:
     rec["num_samples"] += 1
     if item.label is None:
         rec["unlabelled"] += 1
@@ -135,11 +140,9 @@ def _count(rec: dict, item: Item, enc: imageio.Encoded, sums) -> None:
         rec["converted"][enc.converted] += 1
     h, w = enc.pixels.shape[:2]
     rec["sizes"][f"{h}x{w}"] = rec["sizes"].get(f"{h}x{w}", 0) + 1
-    if sums is not None:
-        flat = enc.pixels.reshape(-1, 3).astype(np.float64) / 255.0
-        sums[0] += flat.sum(0)
-        sums[1] += np.einsum("ij,ij->j", flat, flat)
-        rec["pixels"] += flat.shape[0]
+    if hist is not None:
+        for c in range(3):
+            hist[c] += np.bincount(enc.pixels[..., c].ravel(), minlength=256)
 
 
 def _add_sample(tar: tarfile.TarFile, item: Item, enc: imageio.Encoded, classes: list[str]) -> None:
