@@ -1,0 +1,67 @@
+"""Run histodist.train's real setup and loop, recording what each rank trained on.
+
+    accelerate launch ... tests/scripts/train_probe.py OUT_DIR <histodist.train flags>
+
+Writes OUT_DIR/rank<r>.json: world size, the sample keys of every training batch per epoch,
+and a checksum of the final parameters, so a test can check the ranks agree.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from histodist import build, train
+from histodist.config import parse_args
+
+
+class Recorder:
+    """Wraps the training loader; records batch keys per epoch and passes batches through."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.keys = loader, 0, {}
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.keys.setdefault(str(self.epoch), []).extend(batch["key"])
+            yield batch
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    p = train.setup(parse_args(sys.argv[2:]))
+    p.train_loader = Recorder(p.train_loader)
+    st = build.resume_state(p)
+    reason = train.fit(p, st)
+    p.log.close()
+    acc = p.accelerator
+    model = acc.unwrap_model(p.model)
+    h = hashlib.sha256()
+    # Parameters, not buffers: BN running stats differ by each rank's last batch (DDP
+    # broadcasts rank 0's buffers at the next forward; checkpoints hold rank 0's).
+    for name, t in sorted(model.named_parameters()):
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{acc.process_index}.json").write_text(
+        json.dumps(
+            {
+                "world_size": acc.num_processes,
+                "rank": acc.process_index,
+                "reason": reason,
+                "keys": p.train_loader.keys,
+                "params_sha256": h.hexdigest(),
+                "param_sum": float(sum(t.detach().double().sum() for t in model.parameters())),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Single-process training through the real CLI on tiny real-image shards (CPU)."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainkit import TINY, env, run, tiny_shards, train_cmd
+
+from histodist import train
+from histodist.checkpoint import load_run_model, read_meta
+
+EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, pcam_jpeg):
+    return tiny_shards(tmp_path_factory.mktemp("shards"), pcam_jpeg)
+
+
+@pytest.fixture(scope="module")
+def run_a(shards, tmp_path_factory):
+    """An uninterrupted 2-epoch run with W&B offline."""
+    runs, wb = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("wandb")
+    args = [
+        "--shards",
+        str(shards),
+        "--runs-dir",
+        str(runs),
+        "--run-name",
+        "a",
+        "--wandb",
+        "offline",
+        *TINY,
+        *EPOCHS,
+    ]
+    res = run(train_cmd(*args), wandb_dir=wb)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return runs / "a", wb, res
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_checkpoints_metrics_and_wandb(run_a):
+    run_dir, wb, res = run_a
+    for which in ("last", "best"):
+        ck = run_dir / "checkpoints" / which
+        assert (ck / "model.safetensors").is_file() and (ck / "optimizer.bin").is_file()
+        meta = read_meta(ck)
+        assert meta["manifest_sha256"] and meta["config_sha256"] and meta["histodist_version"]
+    assert read_meta(run_dir / "checkpoints" / "last")["step"] == 16
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "manifest.json").is_file()
+    lines = _lines(run_dir)
+    assert sum("train/loss" in x for x in lines) == 16
+    val = [x for x in lines if "val/auc" in x]
+    assert len(val) == 2 and all(x["val/num_samples"] == 40 for x in val)
+    assert {
+        "val/accuracy",
+        "val/balanced_accuracy",
+        "val/sensitivity",
+        "val/specificity",
+        "val/f1",
+        "val/loss",
+    } <= set(val[0])
+    assert list(wb.glob("wandb/offline-run-*/run-*.wandb"))
+    assert "epoch 2/2" in res.stderr + res.stdout
+    model, cfg, meta = load_run_model(run_dir)
+    assert cfg.model.model == "small-cnn" and meta["classes"] == ["0", "1"]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
+    run_dir_a = run_a[0]
+    args = [
+        "--shards",
+        str(shards),
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "b",
+        "--wandb",
+        "disabled",
+        *TINY,
+        *EPOCHS,
+    ]
+    proc = subprocess.Popen(
+        train_cmd(*args),
+        cwd=train.__file__.rsplit("/", 2)[0],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 3:  # mid-epoch 1
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved" in out, out[-3000:]
+    last = tmp_path / "b" / "checkpoints" / "last"
+    stopped_at = read_meta(last)["step"]
+    assert 0 < stopped_at < 16
+    load_run_model(tmp_path / "b", "last")  # the preemption checkpoint is usable
+
+    res = run(train_cmd(*args, "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"step {stopped_at}" in res.stderr + res.stdout  # it resumed, not restarted
+    a = load_file(str(run_dir_a / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(last / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_existing_run_bad_shards_and_nan_are_clear_errors(run_a, shards, tmp_path, capsys):
+    run_dir = run_a[0]
+    base = ["--shards", str(shards), "--wandb", "disabled", *TINY, "--epochs", "1"]
+    assert train.main([*base, "--runs-dir", str(run_dir.parent), "--run-name", "a"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert train.main(["--shards", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)]) == 2
+    assert "histodist.train: error:" in capsys.readouterr().err
+    # A diverging run stops after --max-bad-steps and never saves a best checkpoint.
+    rc = train.main(
+        [
+            *base,
+            "--runs-dir",
+            str(tmp_path),
+            "--run-name",
+            "nan",
+            "--lr",
+            "1e12",
+            "--grad-clip",
+            "0",
+            "--max-bad-steps",
+            "2",
+            "--warmup-epochs",
+            "0",
+        ]
+    )
+    assert rc == train.EXIT_NAN
+    assert "NaN/inf" in capsys.readouterr().out + ""
+    assert not (tmp_path / "nan" / "checkpoints" / "best").exists()

@@ -1,0 +1,74 @@
+"""Helpers shared by the training tests: tiny real-image shards and CLI invocations."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from shardkit import pcam_images, write_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# small-cnn at 32 px, 8 steps of 8 images per epoch on one process: a few seconds per epoch.
+TINY = [
+    "--model",
+    "small-cnn",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--lr",
+    "0.003",
+    "--warmup-epochs",
+    "0.25",
+]
+
+
+def tiny_shards(
+    out: Path, pcam_jpeg: Path, *, train_per_class: int = 32, valid_per_class: int = 20
+) -> Path:
+    """64 real PCam train patches in 4 shards of 16, 40 valid patches in shards of 16, 16, 8."""
+    images = {
+        "train": pcam_images(pcam_jpeg, "train", train_per_class),
+        "valid": pcam_images(pcam_jpeg, "valid", valid_per_class),
+    }
+    write_shards(out, images, 16)
+    return out
+
+
+def env(wandb_dir: Path | None = None, **extra: str) -> dict:
+    e = dict(os.environ, **extra)
+    e.update(
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT / "tests"),
+    )
+    if wandb_dir is not None:
+        e["WANDB_DIR"] = str(wandb_dir)
+    return e
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "histodist.train", *args]
+
+
+def run(args: list[str], *, wandb_dir: Path | None = None, timeout: int = 300, **extra: str):
+    return subprocess.run(
+        args, cwd=ROOT, env=env(wandb_dir, **extra), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
