@@ -12,6 +12,7 @@ Never hand a ShardLoader to `accelerator.prepare`: the rank split already happen
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -152,6 +153,13 @@ def _decode_npy(data: bytes) -> torch.Tensor:
     return t[..., :3].permute(2, 0, 1).expand(3, -1, -1)
 
 
+@functools.cache
+def _quiet_torchvision() -> None:
+    """Once per process: torchvision 0.29 warns on every decode call that its image I/O is
+    deprecated in favour of torchcodec; the decoders still work and are the fastest here."""
+    warnings.filterwarnings("ignore", message=".*TorchVision are deprecated.*")
+
+
 def _decode_image(ext: str, data: bytes) -> torch.Tensor:
     """Encoded bytes -> uint8 (3,H,W), possibly a strided view (collate copies it once).
     Nothing is ever unpickled."""
@@ -159,6 +167,8 @@ def _decode_image(ext: str, data: bytes) -> torch.Tensor:
         return _decode_npy(data)
     if ext in _TV_EXTS:
         from torchvision.io import ImageReadMode, decode_image
+
+        _quiet_torchvision()
 
         # bytearray: torch.frombuffer wants a writable buffer; torchvision's decoders are
         # ~1.5x faster than PIL + numpy on PCam JPEGs (see histodist.bench loader).
@@ -323,7 +333,6 @@ class RankStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is one image at a time; avoid oversubscribing the cores
-    warnings.filterwarnings("ignore", message=".*TorchVision are deprecated.*")
 
 
 class ShardLoader:
@@ -363,13 +372,11 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._stats = {"decode_errors": 0, "bad_shards": 0}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TorchVision are deprecated.*")
-            for item in self.loader:
-                for k, v in item.pop(_STATS, {}).items():
-                    self._stats[k] += int(v)
-                if "image" in item:
-                    yield item
+        for item in self.loader:
+            for k, v in item.pop(_STATS, {}).items():
+                self._stats[k] += int(v)
+            if "image" in item:
+                yield item
 
 
 def _eval_length(

@@ -159,7 +159,8 @@ def bench_encodings(args) -> list[dict]:
             loader = data.train_loader(str(out), batch_size=args.batch_size, rank=0,
                                        world_size=1, workers=args.workers,
                                        shuffle_buffer=args.shuffle_buffer)  # fmt: skip
-            multi = _rate(_epochs(loader), args.num_batches, args.warmup)["images_per_s"]
+            multi = max(_rate(_epochs(loader), args.num_batches, args.warmup)["images_per_s"]
+                        for _ in range(args.repeats))  # fmt: skip
             rows.append({"encoding": enc, "bytes_per_sample": round(nbytes / n),
                          "images_per_s_1proc": round(one, 1),
                          "images_per_s_workers": multi})  # fmt: skip
@@ -219,6 +220,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-batches", type=int, default=40, help="timed batches per loader")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs; the best counts")
     p.add_argument("--shuffle-buffer", type=int, default=2000)
     p.add_argument("--augment", default="pcam", help="augmentation preset for (b)")
     p.add_argument("--encoding-samples", type=int, default=2000)
@@ -234,15 +236,25 @@ def main(argv: list[str] | None = None) -> int:
                        "torch": torch.__version__, "cuda": torch.cuda.is_available()},
            "config": vars(args)}  # fmt: skip
     res["warm_cache_s"] = warm_page_cache(args)
-    res["a_shards_uint8"] = bench_shards(args, augment=False)
-    res["b_shards_uint8_augment_cpu"] = bench_shards(args, augment=True)
-    res["c_imagefolder_pil"] = bench_image_folder(args)
+    runs = {
+        "a_shards_uint8": lambda: bench_shards(args, augment=False),
+        "b_shards_uint8_augment_cpu": lambda: bench_shards(args, augment=True),
+        "c_imagefolder_pil": lambda: bench_image_folder(args),
+    }
+    # Interleaved repeats, best of each: other load on a shared machine only slows runs down.
+    for _ in range(args.repeats):
+        for key, run in runs.items():
+            r = run()
+            best = res.get(key)
+            res[key] = r if best is None or r["images_per_s"] > best["images_per_s"] else best
+            res.setdefault(key + "_all", []).append(r["images_per_s"])
     res["speedup_a_over_c"] = round(
         res["a_shards_uint8"]["images_per_s"] / res["c_imagefolder_pil"]["images_per_s"], 2
     )
     if not args.skip_encodings:
         res["encodings"] = bench_encodings(args)
         res["jpeg_decoders"] = bench_jpeg_decoders(args)
+    res["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     _print(res, args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -262,7 +274,10 @@ def _print(res: dict, args) -> None:
         ("c_imagefolder_pil", "(c) ImageFolder + PIL transforms + DataLoader"),
     ]:
         print(f"{label:52s} {res[key]['images_per_s']:10.1f}")
-    print(f"(a) / (c) = {res['speedup_a_over_c']:.2f}x")
+    print(
+        f"(a) / (c) = {res['speedup_a_over_c']:.2f}x   (best of {args.repeats}; load at end "
+        f"{m['load_avg_1m_end']})"
+    )
     if "encodings" in res:
         print(
             f"\n{'encoding':10s} {'bytes/sample':>13s} {'img/s, 1 process':>17s} "
