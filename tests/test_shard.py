@@ -205,6 +205,11 @@ def test_workers_give_identical_shards_and_rerun_reuses(tmp_path, pcam_jpeg):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"] == ma["splits"]
     assert run("--verify", tmp_path / "a") == 0
 
+    assert run(*args[:-1], 100, "--out", tmp_path / "a", "--workers", 1) == 0  # re-plan
+    left = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert left == ["train-000000.tar", "valid-000000.tar"]  # stale shards removed
+    assert run("--verify", tmp_path / "a") == 0
+
 
 def test_verify_names_the_bad_shard(tmp_path, pcam_jpeg, capsys):
     src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)

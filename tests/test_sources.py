@@ -110,3 +110,17 @@ def test_group_split_is_stratified_and_never_shares_a_group():
     }
     other = split_items(items, 2, {"valid": 0.1, "test": 0.2}, seed=4)
     assert [it.key for it in other["valid"]] != [it.key for it in splits["valid"]]
+
+
+def test_folder_val_alias_and_unlabelled_test_folder(tmp_path, pcam_jpeg):
+    root = fx.make_folder(tmp_path / "d", pcam_jpeg, per_class=2)
+    (root / "valid").rename(root / "val")
+    (root / "test").mkdir()
+    for p in fx.real_patches(pcam_jpeg, 3, 1, "valid"):
+        (root / "test" / p.name).write_bytes(p.read_bytes())
+    scan = sources.scan("folder", root)
+    assert sorted(scan.official) == ["test", "train", "valid"]
+    assert [it.label for it in scan.official["test"]] == [None] * 3
+    (root / "extra").mkdir()
+    with pytest.raises(SourceError, match="mixes split folders"):
+        sources.scan("folder", root)
