@@ -469,6 +469,62 @@ def eval_loader(
     return ShardLoader(ds, length=length, workers=workers)
 
 
+def from_urls(
+    urls: str | list[str],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_samples: int,
+    train: bool = True,
+    seed: int = 0,
+    workers: int = 4,
+    shuffle_buffer: int = 2000,
+    resample: bool = True,
+    image_size: tuple[int, int] | None = None,
+    skip_bad_shards: bool = False,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = False,
+    cache_dir: str | None = None,
+) -> ShardLoader:
+    """A loader over shards named directly, without a manifest: a list, or webdataset's
+    brace / `::` notation ("pipe:aws s3 cp s3://b/pcam/train-{000000..000007}.tar -").
+
+    `num_samples` (the total over the shards) sets the training step count; for evaluation,
+    where per-shard counts are unknown, `len()` assumes equal shards and the truncation check
+    against the manifest is off.
+    """
+    expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+    per_shard = num_samples / max(1, len(expanded))
+    shards = [(u, 0) for u in expanded]
+    steps = steps_per_epoch(num_samples, world_size, batch_size) if train else None
+    ds = RankStream(
+        shards,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        steps=steps,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        resample=resample,
+        image_size=image_size,
+        skip_bad_shards=skip_bad_shards,
+        cache_dir=cache_dir,
+    )
+    if train:
+        length = steps
+    else:
+        estimate = [(u, round(per_shard)) for u in expanded]
+        length = _eval_length(estimate, rank, world_size, workers, batch_size)
+    return ShardLoader(
+        ds,
+        length=length,
+        workers=workers,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=persistent_workers and train,
+    )
+
+
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Copy image/label to `device` with non_blocking=True (overlaps with compute from pinned
     memory); keys and groups stay Python lists."""

@@ -304,3 +304,26 @@ def test_object_npy_is_rejected_not_unpickled(tmp_path, images):
                               workers=0)  # fmt: skip
     assert len(keys_of(loader)) == 3 and loader.stats()["decode_errors"] == 1
     assert not marker.exists()
+
+
+def test_pipe_url_base_and_brace_patterns(shards):
+    """Shards behind a `pipe:` command (as on an object store) and named by a brace pattern."""
+    base = f"pipe:cat {shards}/{{}}"
+    loader = data.eval_loader(base, "train", batch_size=4, rank=0, world_size=1, workers=2)
+    keys = keys_of(loader)
+    assert sorted(keys) == sorted(all_keys(shards, "train"))
+    pattern = f"{shards}/train-{{000000..000002}}.tar"
+    loader = data.from_urls(pattern, batch_size=4, rank=1, world_size=2, num_samples=24,
+                            workers=0, shuffle_buffer=8)  # fmt: skip
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    assert set(keys_of(batches)) <= all_keys(shards, "train")
+    evaluated = [
+        keys_of(
+            data.from_urls(
+                pattern, batch_size=4, rank=r, world_size=2, num_samples=24, train=False, workers=0
+            )
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    assert sorted(evaluated[0] + evaluated[1]) == sorted(all_keys(shards, "train"))
