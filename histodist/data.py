@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import math
 import multiprocessing
 import random
@@ -36,6 +37,7 @@ Batch = dict  # "image": uint8 (B,3,H,W), "label": int64 (B,), "key": list[str],
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "ppm", "npy")
 _TV_EXTS = {"jpg", "jpeg", "png", "webp"}  # torchvision decodes these; PIL does the rest
+log = logging.getLogger(__name__)
 _STATS = "__histodist_stats__"  # marker item a worker yields at the end of its epoch
 
 
@@ -377,6 +379,12 @@ class ShardLoader:
                 self._stats[k] += int(v)
             if "image" in item:
                 yield item
+        if any(self._stats.values()):
+            log.warning(
+                "histodist.data: epoch %d: %d samples failed to decode and were skipped, "
+                "%d bad shards skipped", self.dataset.epoch.value, self._stats["decode_errors"],
+                self._stats["bad_shards"],
+            )  # fmt: skip
 
 
 def _eval_length(

@@ -187,7 +187,7 @@ def _copy_with(src: str, dst, edit) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
-def test_undecodable_sample_is_skipped_and_counted(shards, tmp_path):
+def test_undecodable_sample_is_skipped_and_counted(shards, tmp_path, caplog):
     def corrupt_two(members):
         jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")][:2]
         return [(m, b"not a jpeg" if m.name in jpgs else p) for m, p in members]
@@ -199,6 +199,7 @@ def test_undecodable_sample_is_skipped_and_counted(shards, tmp_path):
         )
         assert len(keys_of(loader)) == 22
         assert loader.stats() == {"decode_errors": 2, "bad_shards": 0}
+        assert "2 samples failed to decode" in caplog.text  # reported at the end of the epoch
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
