@@ -172,14 +172,14 @@ def check_groups(splits: dict[str, list[Item]]) -> None:
 
 def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> int:
     """--samples-per-shard, or ~SHARD_BYTES per shard but at least MIN_SHARDS per split."""
-    if requested:
+    if requested is not None:
         if requested < 1:
             raise ShardError("--samples-per-shard must be >= 1")
         return requested
     if isinstance(scan.reader, FileReader) and items:
-        probe = items[:: max(1, len(items) // 200)]
-        size = sum((Path(scan.reader.root) / it.source).stat().st_size for it in probe)
-        per_sample = size / len(probe) + SAMPLE_OVERHEAD
+        probe = [Path(scan.reader.root) / it.source for it in items[:: max(1, len(items) // 200)]]
+        sizes = [p.stat().st_size for p in probe if p.is_file()]  # unreadable ones: rejected later
+        per_sample = sum(sizes) / max(1, len(sizes)) + SAMPLE_OVERHEAD
     else:
         per_sample = getattr(scan.reader, "bytes_per_sample", 96 * 96 * 3) + SAMPLE_OVERHEAD
     by_bytes = max(1, int(SHARD_BYTES // per_sample))
