@@ -295,14 +295,18 @@ def _base_type(tp: Any) -> type:
     return tp
 
 
-def build_parser(prog: str = "histodist.train") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "histodist.train", description: str | None = None
+) -> argparse.ArgumentParser:
     """One flag per config field, grouped by section; defaults are SUPPRESSed so that only
-    flags given on the command line override the preset and YAML layers."""
+    flags given on the command line override the preset and YAML layers. Other commands
+    (lr_find) add their own flags with a dest without a dot."""
     p = argparse.ArgumentParser(
         prog=prog,
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
-        description="Train a classifier on histodist shards. Precedence: defaults < --dataset "
+        description=description
+        or "Train a classifier on histodist shards. Precedence: defaults < --dataset "
         "preset < --config YAML < flags.",
     )
     p.add_argument("--config", help="YAML file with sections data/augment/model/optim/train/log")
@@ -362,7 +366,12 @@ def _read_yaml(path: str | os.PathLike) -> dict:
 
 def resolve(argv: list[str] | None = None) -> Config:
     """defaults < preset < YAML < flags. Raises SystemExit(2) on unknown flags (argparse)."""
-    ns = vars(build_parser().parse_args(argv))
+    return resolve_namespace(vars(build_parser().parse_args(argv)))
+
+
+def resolve_namespace(ns: dict) -> Config:
+    """The Config from parsed flags {"section.key": value, "config": path}."""
+    ns = dict(ns)
     yaml_layer = _read_yaml(ns.pop("config")) if "config" in ns else {}
     flags: dict[str, dict] = {}
     for dest, value in ns.items():

@@ -149,3 +149,12 @@ def test_existing_run_bad_shards_and_nan_are_clear_errors(run_a, shards, tmp_pat
     assert rc == train.EXIT_NAN
     assert "NaN/inf" in capsys.readouterr().out + ""
     assert not (tmp_path / "nan" / "checkpoints" / "best").exists()
+
+
+def test_lr_find_saves_plot_and_suggests(shards, tmp_path, capsys):
+    from histodist import lr_find
+
+    out = tmp_path / "lr.png"
+    args = ["--shards", str(shards), *TINY, "--num-steps", "12", "--out", str(out)]
+    assert lr_find.main(args) == 0
+    assert out.stat().st_size > 1000 and "suggested --lr" in capsys.readouterr().out
