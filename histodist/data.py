@@ -374,11 +374,18 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._stats = {"decode_errors": 0, "bad_shards": 0}
-        for item in self.loader:
-            for k, v in item.pop(_STATS, {}).items():
-                self._stats[k] += int(v)
-            if "image" in item:
-                yield item
+        try:
+            for item in self.loader:
+                for k, v in item.pop(_STATS, {}).items():
+                    self._stats[k] += int(v)
+                if "image" in item:
+                    yield item
+        except (ShardError, DataError) as exn:
+            # A worker's error arrives wrapped in its traceback text; keep the one-line message.
+            last = str(exn).strip().splitlines()[-1]
+            raise type(exn)(
+                last.split("Error: ", 1)[-1] if "Traceback" in str(exn) else last
+            ) from exn
         if any(self._stats.values()):
             log.warning(
                 "histodist.data: epoch %d: %d samples failed to decode and were skipped, "
