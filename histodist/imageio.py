@@ -42,11 +42,12 @@ def prepare(payload: bytes | np.ndarray, encoding: str = "auto", quality: int = 
         if payload.dtype != np.uint8 or payload.ndim != 3 or payload.shape[2] != 3:
             raise DecodeError(f"array of {payload.dtype} {payload.shape}, expected uint8 (H, W, 3)")
         pixels = np.ascontiguousarray(payload)
-        # Arrays (PCam HDF5) default to PNG (`python -m histodist.bench shard`, 2-core CPU): 25.6 kB
-        # per sample against 30.8 kB for raw .npy (-17%, 6.7 vs 8.1 GB for PCam train), lossless,
-        # and a member every WebDataset / timm `wds/` reader decodes (neither reads .npy). It
-        # decodes at ~1.7-2.2k img/s per core (raw: ~14-26k), so 8 loader workers feed >13k
-        # img/s; `--encoding raw` is there for when decoding CPU is the bottleneck.
+        # Arrays (PCam HDF5) default to PNG. `python -m histodist.bench shard` (2-core CPU):
+        # 25.6 kB per sample in the tar against 30.8 kB for raw .npy (-17%: 6.7 vs 8.1 GB for
+        # PCam train), lossless, and the shards must load with timm's `wds/` reader, which
+        # decodes jpg/png/webp members but not .npy. PNG decodes ~10x slower than raw
+        # (~2k vs ~20k img/s per core), so `--encoding raw` is the choice when the loader's
+        # CPU cores, not the GPU, limit training and timm compatibility is not needed.
         return Encoded(
             *encode(pixels, "png" if encoding in ("auto", "original") else encoding, quality),
             pixels,
