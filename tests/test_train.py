@@ -158,3 +158,12 @@ def test_lr_find_saves_plot_and_suggests(shards, tmp_path, capsys):
     args = ["--shards", str(shards), *TINY, "--num-steps", "12", "--out", str(out)]
     assert lr_find.main(args) == 0
     assert out.stat().st_size > 1000 and "suggested --lr" in capsys.readouterr().out
+
+
+def test_accelerate_config_is_a_multi_gpu_bf16_config():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from trainkit import ROOT
+
+    c = load_config_from_file(str(ROOT / "accelerate_config.yaml"))
+    assert c.distributed_type.value == "MULTI_GPU" and c.mixed_precision == "bf16"
+    assert c.num_machines == 1 and not c.use_cpu
