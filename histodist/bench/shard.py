@@ -84,7 +84,7 @@ def h5_from(folder: Path, dst: Path) -> Path:
     y = np.array([int(p.parent.name) for p in paths], np.uint8).reshape(-1, 1, 1, 1)
     dst.mkdir()
     with h5py.File(dst / "camelyonpatch_level_2_split_train_x.h5", "w") as f:
-        f.create_dataset("x", data=x, chunks=(32, 96, 96, 3))
+        f.create_dataset("x", data=x, chunks=(min(32, len(x)), 96, 96, 3))
     with h5py.File(dst / "camelyonpatch_level_2_split_train_y.h5", "w") as f:
         f["y"] = y
     return dst
