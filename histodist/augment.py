@@ -270,8 +270,15 @@ def gaussian_noise(
 
 # ----------------------------------------------------------------------------- pipelines
 
+
+def centre_crop_op(x: Tensor, gen: torch.Generator, fraction: float = 0.875) -> Tensor:
+    """centre_crop as a pipeline op (deterministic; gen is unused)."""
+    return centre_crop(x, fraction)
+
+
 OPS: dict[str, Callable[..., Tensor]] = {
     "dihedral": random_dihedral,
+    "centre_crop": centre_crop_op,
     "affine": random_affine,
     "random_resized_crop": random_resized_crop,
     "hed": hed_jitter,

@@ -134,3 +134,9 @@ def test_cuda_matches_shapes_and_seed(batch):
     y = aug(batch.cuda(), g)
     assert y.is_cuda and y.shape == (8, 3, 96, 96)
     assert torch.equal(y, aug(batch.cuda(), torch.Generator(device="cuda").manual_seed(0)))
+
+
+def test_centre_crop_op_in_a_custom_pipeline(batch):
+    aug = A.build([{"op": "centre_crop", "fraction": 0.5}], out_size=48, mean=MEAN, std=STD)
+    y = aug(batch, gen())
+    assert torch.allclose(y, A.normalize(batch[..., 24:72, 24:72], MEAN, STD), atol=1e-6)
