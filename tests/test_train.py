@@ -167,3 +167,56 @@ def test_accelerate_config_is_a_multi_gpu_bf16_config():
     c = load_config_from_file(str(ROOT / "accelerate_config.yaml"))
     assert c.distributed_type.value == "MULTI_GPU" and c.mixed_precision == "bf16"
     assert c.num_machines == 1 and not c.use_cpu
+
+
+def test_training_options_together(shards, tmp_path, capsys):
+    """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
+    validation and checkpoints, early stopping: one short run through the real loop."""
+    args = [
+        "--shards",
+        str(shards),
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "opts",
+        "--wandb",
+        "disabled",
+        *TINY,
+        "--epochs",
+        "3",
+        "--accum-steps",
+        "2",
+        "--ema",
+        "0.9",
+        "--class-balance",
+        "sampler",
+        "--label-smoothing",
+        "0.1",
+        "--freeze-epochs",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--schedule",
+        "onecycle",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--patience",
+        "2",
+        "--keep-last",
+        "3",
+    ]
+    assert train.main(args) == 0
+    run_dir = tmp_path / "opts"
+    meta = read_meta(run_dir / "checkpoints" / "last")
+    assert meta["eval_weights"] == "model_ema.safetensors"
+    steps = [x["step"] for x in _lines(run_dir) if "train/loss" in x]
+    assert steps[:4] == [1, 2, 3, 4]  # 8 micro-batches per epoch -> 4 optimizer steps
+    val_steps = [x["step"] for x in _lines(run_dir) if "val/auc" in x]
+    assert val_steps[:3] == [3, 4, 6]  # every 3 steps and at each epoch end (step 4)
+    out = capsys.readouterr().out
+    assert meta["step"] == 12 or "early stop" in out
+    assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2
+    model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
