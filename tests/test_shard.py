@@ -258,3 +258,13 @@ def test_bad_split_options(tmp_path, pcam_jpeg, bad, capsys):
         == 1
     )
     assert "fraction" in capsys.readouterr().err
+
+
+def test_group_in_two_splits(capsys):
+    from histodist.sources import Item
+
+    a, b = Item("a", "a.png", 0, "p1"), Item("b", "b.png", 1, "p1")
+    with pytest.raises(shard.ShardError, match="'p1' is in both the train and valid"):
+        shard.check_groups({"train": [a], "valid": [b]}, official=set())
+    shard.check_groups({"train": [a], "valid": [b]}, official={"train", "valid"})
+    assert "warning: official splits share a group" in capsys.readouterr().err
