@@ -5,13 +5,13 @@
 #   MIXED_PRECISION    bf16 | fp16 | no                 [bf16 on Ampere+ GPUs, fp16 before, else the config's]
 #   GPUS_PER_NODE      processes per node               [GPUs visible to nvidia-smi]
 #   RUN_NAME           run folder name under --runs-dir [histodist.train's default <dataset>-<model>]
-#   PYTHON             python used for `-m histodist.*` [python]
+#   TRAIN_MODULE       the Python module launched        [histodist.train]
 # Arguments after the script name go to `python -m histodist.train` unchanged.
 
 # The repository root: the scripts live in <root>/launch (or <root>/launch/slurm).
 HISTODIST_ROOT=${HISTODIST_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$HISTODIST_ROOT/launch/accelerate_config.yaml}
-PYTHON=${PYTHON:-python}
+TRAIN_MODULE=${TRAIN_MODULE:-histodist.train}
 
 log() { echo "[histodist.launch] $*" >&2; }
 die() { echo "[histodist.launch] error: $*" >&2; exit 2; }
@@ -55,7 +55,7 @@ accelerate_common_args() {
 # start when the run folder has no checkpoint), so a restarted or requeued job continues
 # where it stopped. The user's flags come after, so they win.
 train_args() {
-  TRAIN_ARGS=(-m histodist.train --resume)
+  TRAIN_ARGS=(-m "$TRAIN_MODULE" --resume)
   if [[ -n ${RUN_NAME:-} ]]; then TRAIN_ARGS+=(--run-name "$RUN_NAME"); fi
 }
 

@@ -23,6 +23,10 @@ detect_gpus
 detect_precision
 train_args
 export_nccl_env
+# Workers restarted by torchrun must not share the rendezvous TCP store with the dead group:
+# with it shared (the default since torch 2.5), a restarted group can read the previous
+# attempt's addresses and fail to connect (pytorch/pytorch#135712). Seen here with gloo.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Accelerator() reads the precision from this variable when no accelerate config is in play.
 if [[ -n ${MIXED_PRECISION:-} ]]; then export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION; fi
 log "max restarts $MAX_RESTARTS, rendezvous $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT id $RDZV_ID"

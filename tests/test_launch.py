@@ -26,7 +26,7 @@ STUB = """#!{python}
 import json, os, re, signal, subprocess, sys, time
 name = os.path.basename(sys.argv[0])
 keep = ("SLURM_NODEID", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-        "ACCELERATE_MIXED_PRECISION", "HISTODIST_ROOT")
+        "ACCELERATE_MIXED_PRECISION", "HISTODIST_ROOT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 with open(os.environ["STUB_LOG"], "a") as log:
     env = {{k: os.environ[k] for k in keep if k in os.environ}}
     log.write(json.dumps({{"cmd": name, "argv": sys.argv[1:], "env": env}}) + "\\n")
@@ -279,6 +279,7 @@ def test_torchrun_elastic(stubs):
     assert opt(argv, "--rdzv-endpoint") == "127.0.0.1:29500"
     assert opt(argv, "-m") == "histodist.train" and "--resume" in argv
     assert call["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16"  # no accelerate config here
+    assert call["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts reconnect
 
 
 def test_bad_precision_is_rejected(stubs):
