@@ -47,35 +47,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m histodist.shard", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--dataset", choices=list(sources.LAYOUTS), help="raw layout of --src")
-    p.add_argument("--src", help="raw dataset folder (for csv: the CSV file)")
-    p.add_argument("--out", help="output folder for shards, manifest.json and _info.json")
-    p.add_argument("--name", help="dataset name in the manifest (default: --out's folder name)")
-    p.add_argument(
-        "--verify", metavar="DIR", help="re-read every shard of DIR against its manifest"
-    )
-    p.add_argument("--val-fraction", type=float, help="held-out valid share (default 0.1)")
-    p.add_argument("--test-fraction", type=float, help="held-out test share (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
-    p.add_argument("--samples-per-shard", type=int, help="default: ~256 MB shards, >= 8 per split")
-    p.add_argument(
+    add = p.add_argument
+    add("--dataset", choices=list(sources.LAYOUTS), help="raw layout of --src")
+    add("--src", metavar="PATH", help="raw dataset folder (for csv: the CSV file)")
+    add("--out", metavar="DIR", help="output folder: shards, manifest.json, _info.json")
+    add("--name", help="dataset name in the manifest (default: --out's folder name)")
+    add("--verify", metavar="DIR", help="re-read every shard of DIR against its manifest")
+    add("--val-fraction", type=float, metavar="F", help="made valid split share (default 0.1)")
+    add("--test-fraction", type=float, metavar="F", help="made test split share (default 0.1)")
+    add("--seed", type=int, default=0, help="seed of the made split and sample order (0)")
+    add("--samples-per-shard", type=int, metavar="N", help="default ~256 MB, >= 8 shards/split")
+    add(
         "--encoding",
         choices=imageio.ENCODINGS,
         default="auto",
-        help="auto: keep encoded bytes, PNG for HDF5 pixel arrays",
+        help="auto: keep encoded images' bytes, lossless PNG for HDF5 pixel arrays",
     )
-    p.add_argument("--jpeg-quality", type=int, default=95, help="for --encoding jpeg")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-    p.add_argument("--magnification", choices=["40X", "100X", "200X", "400X"], help="breakhis")
-    p.add_argument("--breakhis-labels", choices=["binary", "subtype"], default="binary")
-    p.add_argument("--image-column", default="images", help="csv: image path column")
-    p.add_argument("--label-column", default="labels", help="csv: label column")
-    p.add_argument("--group-column", help="csv: optional patient / slide id column")
-    p.add_argument("--download", action="store_true", help="pcam: fetch the official release")
-    p.add_argument("--cache-dir", help="pcam: where downloads and gunzipped .h5 files go")
-    p.add_argument(
+    add("--jpeg-quality", type=int, default=95, metavar="Q", help="for --encoding jpeg (95)")
+    add(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        metavar="N",
+        help="processes writing shards (default: CPU count, at most 8)",
+    )
+    add("--magnification", choices=["40X", "100X", "200X", "400X"], help="breakhis: keep one")
+    add("--breakhis-labels", choices=["binary", "subtype"], default="binary", help="breakhis")
+    add("--image-column", default="images", help="csv: image path column (images)")
+    add("--label-column", default="labels", help="csv: label column (labels)")
+    add("--group-column", help="csv: optional patient / slide id column")
+    add("--download", action="store_true", help="pcam: fetch the official release first")
+    add("--cache-dir", metavar="DIR", help="pcam: downloads and gunzipped .h5 files")
+    add(
         "--url-base",
-        help="pcam: download URL base (default: env HISTODIST_PCAM_URL or the Zenodo record)",
+        metavar="URL",
+        help="pcam: download base (default: env HISTODIST_PCAM_URL, else the Zenodo record)",
     )
     return p
 
