@@ -48,6 +48,7 @@ class ShardTask:
             h.update(
                 f"\n{it.key}|{it.source}|{it.label}|{it.group}|{sorted(it.extra.items())}".encode()
             )
+        h.update(self.reader.signature(self.items).encode())  # sources edited since: rewrite
         return h.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -204,6 +205,12 @@ def test_workers_give_identical_shards_and_rerun_reuses(tmp_path, pcam_jpeg):
     assert shard0.stat().st_mtime_ns == before  # complete shard skipped
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"] == ma["splits"]
     assert run("--verify", tmp_path / "a") == 0
+
+    sample = fx.read_split(tmp_path / "a", "train")
+    first = json.loads(next(iter(sample.values()))["json"])["source"]  # a train-000000 image
+    os.utime(src / first, ns=(before, before + 10**9))  # source edited since: shard redone
+    assert run(*args, "--out", tmp_path / "a", "--workers", 1) == 0
+    assert shard0.stat().st_mtime_ns != before
 
     assert run(*args[:-1], 100, "--out", tmp_path / "a", "--workers", 1) == 0  # re-plan
     left = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))

@@ -10,6 +10,7 @@ array for HDF5 sources) in the parallel shard writers.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,22 @@ class Reader:
     def read(self, items: Sequence[Item]) -> Iterator[tuple[Item, Payload | Exception]]:
         raise NotImplementedError
 
+    def signature(self, items: Sequence[Item]) -> str:
+        """Changes when the stored data behind `items` changes (size / mtime), for resumes."""
+        return ""
+
+
+def stat_signature(paths) -> str:
+    """`size:mtime_ns` of each path (`-` when missing), joined."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append("-")
+    return ",".join(out)
+
 
 class FileReader(Reader):
     """Reads each item's file bytes from `root / item.source`."""
@@ -77,6 +94,9 @@ class FileReader(Reader):
                 yield item, (Path(self.root) / item.source).read_bytes()
             except OSError as e:  # unreadable file: rejected by the writer, not fatal
                 yield item, e
+
+    def signature(self, items: Sequence[Item]) -> str:
+        return stat_signature(os.path.join(self.root, it.source) for it in items)
 
 
 @dataclass

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from histodist.sources import Item, Payload, Reader, Scan, SourceError, SourceOptions
+from histodist.sources import (
+    Item,
+    Payload,
+    Reader,
+    Scan,
+    SourceError,
+    SourceOptions,
+    stat_signature,
+)
 
 SPLITS = ("train", "valid", "test")
 CLASSES = ["0", "1"]  # 1: tumour tissue in the centre 32x32 pixels
@@ -61,6 +69,10 @@ class H5Reader(Reader):
         finally:
             for h in handles.values():
                 h.close()
+
+    def signature(self, items: Sequence[Item]) -> str:
+        names = sorted({_parse(it.source)[0] for it in items})
+        return stat_signature(self.paths[n] for n in names)
 
 
 def _parse(source: str) -> tuple[str, int]:
