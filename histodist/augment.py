@@ -86,15 +86,19 @@ def dihedral(x: Tensor, k: int) -> Tensor:
 
 
 def random_dihedral(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Per sample a uniform element of the dihedral group (tissue has no orientation):
-    independent left-right flip, up-down flip and (square images) transpose."""
+    """Per sample a uniform element of the dihedral group (tissue has no orientation); for
+    non-square images only the four that keep the shape (identity, flips, 180 degrees).
+    One pass per group element present (at most 8), not per sample."""
     b = x.shape[0]
-    x = torch.where(_per_sample(_coin(gen, b, 0.5)), x.flip(-1), x)
-    x = torch.where(_per_sample(_coin(gen, b, 0.5)), x.flip(-2), x)
-    t = _coin(gen, b, 0.5)
-    if x.shape[-1] == x.shape[-2]:
-        x = torch.where(_per_sample(t), x.transpose(-1, -2), x)
-    return x
+    k = torch.randint(0, 8, (b,), generator=gen, device=gen.device)
+    if x.shape[-1] != x.shape[-2]:
+        k = k - k % 2  # 0, 2, 4, 6: no 90-degree turn
+    out = torch.empty_like(x)
+    for e in range(8):
+        idx = (k == e).nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = dihedral(x[idx], e)
+    return out
 
 
 def _sample_grid(x: Tensor, theta: Tensor, size: tuple[int, int] | None = None) -> Tensor:
@@ -174,17 +178,34 @@ def hed_to_rgb(hed: Tensor) -> Tensor:
     return torch.exp(log_rgb).clamp(0.0, 1.0)
 
 
+def _per_sample_linear(x: Tensor, m: Tensor, c: Tensor | None = None) -> Tensor:
+    """y[b] = m[b] @ x[b] (+ c[b]) over the channels of (B,3,H,W): one batched matmul."""
+    b, ch, h, w = x.shape
+    flat = x.reshape(b, ch, h * w)
+    y = torch.bmm(m, flat) if c is None else torch.baddbmm(c.unsqueeze(-1), m, flat)
+    return y.view(b, ch, h, w)
+
+
 def hed_jitter(
     x: Tensor, gen: torch.Generator, sigma: float = 0.05, bias: float = 0.05, p: float = 1.0
 ) -> Tensor:
     """HED stain augmentation (Tellez et al. 2019): per sample and stain channel, density
     * U(1-sigma, 1+sigma) + U(-bias, bias), in skimage's rgb2hed units (densities in [0, 1]);
-    sigma = bias = 0.05 is Tellez's "HED-light", 0.2 "HED-strong"."""
+    sigma = bias = 0.05 is Tellez's "HED-light", 0.2 "HED-strong".
+
+    Equal to hed_to_rgb(rgb_to_hed(x) * alpha + beta), computed as one per-sample 3x3 map of
+    log(x): exp(R^T diag(alpha) H^T log x + log(1e-6) R^T beta) (R = RGB_FROM_HED, H its
+    inverse), so a batch costs one log, one batched matmul and one exp."""
     b = x.shape[0]
-    alpha = _uniform(gen, b * 3, 1 - sigma, 1 + sigma).view(b, 3, 1, 1)
-    beta = _uniform(gen, b * 3, -bias, bias).view(b, 3, 1, 1)
-    out = hed_to_rgb(rgb_to_hed(x) * alpha + beta)
-    return torch.where(_per_sample(_coin(gen, b, p)), out, x)
+    on = _coin(gen, b, p).view(b, 1)
+    alpha = torch.where(on, _uniform(gen, b * 3, 1 - sigma, 1 + sigma).view(b, 3), 1.0)
+    beta = torch.where(on, _uniform(gen, b * 3, -bias, bias).view(b, 3), 0.0)
+    h, r = HED_FROM_RGB.to(x), RGB_FROM_HED.to(x)
+    m = r.T @ (alpha.unsqueeze(-1) * h.T)  # (B,3,3): R^T diag(alpha) H^T
+    c = _LOG_ADJUST * (beta @ r)  # (B,3)
+    y = _per_sample_linear(x.clamp(min=1e-6).log_(), m, c).exp_().clamp_(0.0, 1.0)
+    # samples left alone come back exactly (log/exp would round them)
+    return torch.where(on.view(b, 1, 1, 1), y, x)
 
 
 _GRAY = (0.299, 0.587, 0.114)
@@ -195,19 +216,17 @@ def _gray(x: Tensor) -> Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _hue_rotate(x: Tensor, angle: Tensor) -> Tensor:
-    """Rotate hue by per-sample angle (radians) in YIQ space: one batched matrix per sample."""
+def _hue_matrix(angle: Tensor) -> Tensor:
+    """(B,3,3) RGB maps rotating hue by per-sample angles (radians) in YIQ space."""
     to_yiq = torch.tensor(
         [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=x.dtype,
-        device=x.device,
+        dtype=angle.dtype,
+        device=angle.device,
     )
-    from_yiq = torch.linalg.inv(to_yiq)
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], 1).view(-1, 3, 3)
-    m = from_yiq @ rot @ to_yiq  # (B,3,3)
-    return torch.einsum("bij,bjhw->bihw", m, x)
+    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
 def color_jitter(
@@ -220,22 +239,34 @@ def color_jitter(
     p: float = 1.0,
 ) -> Tensor:
     """Per-sample brightness / contrast / saturation factors in [1-v, 1+v] and hue shift in
-    [-hue, hue] (fraction of a full turn), applied in that fixed order."""
+    [-hue, hue] (fraction of a full turn, a rotation in YIQ space), applied in that order.
+
+    All four are affine in RGB, so they fold into one per-sample 3x3 matrix and offset:
+    one batched matmul for the batch, then a clip to [0, 1]."""
     b = x.shape[0]
-    y = x
-    if brightness:
-        y = y * _uniform(gen, b, 1 - brightness, 1 + brightness).view(b, 1, 1, 1)
-    if contrast:
-        f = _uniform(gen, b, 1 - contrast, 1 + contrast).view(b, 1, 1, 1)
-        m = _gray(y).mean((-2, -1), keepdim=True)
-        y = (y - m) * f + m
-    if saturation:
-        f = _uniform(gen, b, 1 - saturation, 1 + saturation).view(b, 1, 1, 1)
-        g = _gray(y)
-        y = (y - g) * f + g
-    if hue:
-        y = _hue_rotate(y, _uniform(gen, b, -hue, hue) * 2 * math.pi)
-    return torch.where(_per_sample(_coin(gen, b, p)), y.clamp(0.0, 1.0), x)
+    if not (brightness or contrast or saturation or hue):
+        return x
+    on = _coin(gen, b, p)
+
+    def factor(v: float) -> Tensor:
+        return (
+            torch.where(on, _uniform(gen, b, 1 - v, 1 + v), 1.0)
+            if v
+            else torch.ones(b, device=x.device)
+        )
+
+    fb, fc, fs = factor(brightness), factor(contrast), factor(saturation)
+    angle = torch.where(on, _uniform(gen, b, -hue, hue), 0.0) * 2 * math.pi if hue else None
+    eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    gray = torch.tensor(_GRAY, dtype=x.dtype, device=x.device)
+    # saturation: y = f y + (1 - f) gray(y) 1  ->  f I + (1 - f) 1 w^T
+    sat = fs.view(b, 1, 1) * eye + (1 - fs).view(b, 1, 1) * gray.view(1, 1, 3).expand(b, 3, 3)
+    m = sat if angle is None else _hue_matrix(angle) @ sat
+    # brightness then contrast around the (brightened) mean gray level mu = fb * mean(gray(x))
+    mu = fb * (x * gray.view(1, 3, 1, 1)).sum(1).mean((-2, -1))
+    lin = m * (fc * fb).view(b, 1, 1)
+    offset = m @ ((1 - fc) * mu).view(b, 1, 1).expand(b, 3, 1)
+    return _per_sample_linear(x, lin, offset.squeeze(-1)).clamp_(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- blur / noise

@@ -140,3 +140,43 @@ def test_centre_crop_op_in_a_custom_pipeline(batch):
     aug = A.build([{"op": "centre_crop", "fraction": 0.5}], out_size=48, mean=MEAN, std=STD)
     y = aug(batch, gen())
     assert torch.allclose(y, A.normalize(batch[..., 24:72, 24:72], MEAN, STD), atol=1e-6)
+
+
+def _draws(seed: int, b: int, *ranges):
+    """Replays the op's draws: the coin, then one uniform vector per range (draw order)."""
+    g = gen(seed)
+    on = torch.rand(b, generator=g) < 1.0
+    out = [torch.rand(n, generator=g) * (hi - lo) + lo for n, lo, hi in ranges]
+    return on, out
+
+
+def test_fused_hed_equals_the_textbook_formula(batch):
+    x = A.to_float(batch)
+    b = x.shape[0]
+    _, (alpha, beta) = _draws(5, b, (b * 3, 0.9, 1.1), (b * 3, -0.03, 0.03))
+    hed = A.rgb_to_hed(x) * alpha.view(b, 3, 1, 1) + beta.view(b, 3, 1, 1)
+    ref = A.hed_to_rgb(hed)
+    assert torch.allclose(A.hed_jitter(x, gen(5), sigma=0.1, bias=0.03), ref, atol=1e-4)
+
+
+def test_fused_color_jitter_equals_sequential_ops(batch):
+    x = A.to_float(batch)
+    b = x.shape[0]
+    _, (fb, fc, fs, hue) = _draws(6, b, (b, 0.8, 1.2), (b, 0.7, 1.3), (b, 0.6, 1.4), (b, -0.1, 0.1))
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y = x * fb.view(b, 1, 1, 1)
+    mean = (y * w).sum(1, keepdim=True).mean((-2, -1), keepdim=True)
+    y = (y - mean) * fc.view(b, 1, 1, 1) + mean
+    g = (y * w).sum(1, keepdim=True)
+    y = (y - g) * fs.view(b, 1, 1, 1) + g
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    ang = hue * 2 * torch.pi
+    c, s = torch.cos(ang), torch.sin(ang)
+    z = torch.einsum("ij,bjhw->bihw", yiq, y)
+    i, q = (
+        z[:, 1] * c.view(b, 1, 1) - z[:, 2] * s.view(b, 1, 1),
+        z[:, 1] * s.view(b, 1, 1) + z[:, 2] * c.view(b, 1, 1),
+    )
+    ref = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), torch.stack([z[:, 0], i, q], 1))
+    out = A.color_jitter(x, gen(6), brightness=0.2, contrast=0.3, saturation=0.4, hue=0.1)
+    assert torch.allclose(out, ref.clamp(0, 1), atol=1e-4)
