@@ -64,7 +64,8 @@ def bench_shards(args, augment: bool) -> dict:
                       std=manifest["std"])  # fmt: skip
         gen = torch.Generator().manual_seed(0)
         work = lambda x: aug(x, gen)  # noqa: E731
-    return _rate(_epochs(loader), args.num_batches, args.warmup, work)
+    num = args.augment_batches if augment else args.num_batches
+    return _rate(_epochs(loader), num, args.warmup, work)
 
 
 def bench_image_folder(args) -> dict:
@@ -223,6 +224,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs; the best counts")
     p.add_argument("--shuffle-buffer", type=int, default=2000)
     p.add_argument("--augment", default="pcam", help="augmentation preset for (b)")
+    p.add_argument("--augment-batches", type=int, default=10,
+                   help="timed batches for (b), slow on a CPU")  # fmt: skip
     p.add_argument("--encoding-samples", type=int, default=2000)
     p.add_argument("--skip-encodings", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
