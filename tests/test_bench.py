@@ -10,11 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from histodist.bench.common import PeakMemory, measure_steps, table
+from histodist.bench.common import PeakMemory, measure_interleaved, measure_steps, table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,12 +98,24 @@ def test_measure_steps_excludes_warmup_and_splits_wait():
     assert res["images_per_s"] > 0
 
 
-def test_peak_memory_sees_child_processes():
+def test_peak_memory_attributes_child_processes_to_their_label():
     with PeakMemory("cpu", interval=0.05) as mem:
+        mem.switch("idle")
+        time.sleep(0.2)
+        mem.switch("spawns")
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
         child.wait()
-    r = mem.result()
-    assert r["workers_seen"] >= 1 and r["worker_rss_mb"] > 0 and r["main_rss_mb"] > 0
+    r = mem.result("spawns")
+    assert r["workers_seen"] == 1 and r["worker_rss_mb"] > 0 and r["main_rss_mb"] > 0
+    assert mem.result("idle")["workers_seen"] == 0
+
+
+def test_measure_interleaved_alternates_configurations():
+    order = []
+    configs = {k: (lambda k=k: order.append(k) or (4, 0.0)) for k in ("a", "b")}
+    res = measure_interleaved(configs, device="cpu", warmup=1, repeats=2, steps=2)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert set(res) == {"a", "b"} and all(r["timed_steps"] == 4 for r in res.values())
 
 
 def test_table_is_markdown_with_missing_cells():

@@ -32,35 +32,30 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def measure_steps(
-    step: Callable[[], tuple[int, float]],
-    *,
-    device: torch.device | str,
-    warmup: int,
-    repeats: int,
-    steps: int,
-) -> dict[str, Any]:
-    """Throughput of `step` (which returns (images, seconds spent waiting for data)).
+Step = Callable[[], tuple[int, float]]  # one step -> (images, seconds spent waiting for data)
 
-    `warmup` steps are run untimed (worker start-up, buffer fill, cuDNN autotuning), then
-    `repeats` windows of `steps` steps; images/s is the median over the windows and the
-    per-step split (data wait vs the rest: transfer, augmentation, forward, backward, optimizer)
-    the median over all timed steps. The device is synchronised after every step.
-    """
-    for _ in range(warmup):
-        step()
+
+def time_window(step: Step, device: torch.device | str, steps: int) -> dict[str, Any]:
+    """Run `steps` steps; images, wall seconds, and per-step totals and data waits (seconds).
+    The device is synchronised after every step, so a step's time includes its kernels."""
+    images, totals, waits, t_window = 0, [], [], time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        n, wait = step()
         sync(device)
-    rates, waits, totals = [], [], []
-    for _ in range(repeats):
-        images, t_window = 0, time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            n, wait = step()
-            sync(device)
-            totals.append(time.perf_counter() - t0)
-            waits.append(wait)
-            images += n
-        rates.append(images / (time.perf_counter() - t_window))
+        totals.append(time.perf_counter() - t0)
+        waits.append(wait)
+        images += n
+    return {"images": images, "seconds": time.perf_counter() - t_window,
+            "totals": totals, "waits": waits}  # fmt: skip
+
+
+def summarize(windows: list[dict]) -> dict[str, Any]:
+    """images/s: median over windows; the per-step split (data wait vs the rest: transfer,
+    augmentation, forward, backward, optimizer): medians over all timed steps."""
+    rates = [w["images"] / w["seconds"] for w in windows]
+    totals = [t for w in windows for t in w["totals"]]
+    waits = [t for w in windows for t in w["waits"]]
     step_s, wait_s = median(totals), median(waits)
     return {
         "images_per_s": round(median(rates), 2),
@@ -69,14 +64,58 @@ def measure_steps(
         "data_wait_ms": round(1e3 * wait_s, 2),
         "compute_ms": round(1e3 * (step_s - wait_s), 2),
         "data_wait_fraction": round(sum(waits) / max(sum(totals), 1e-12), 4),
-        "timed_steps": repeats * steps,
+        "timed_steps": len(totals),
     }
 
 
+def measure_steps(
+    step: Step, *, device: torch.device | str, warmup: int, repeats: int, steps: int
+) -> dict[str, Any]:
+    """Throughput of one `step`: `warmup` untimed steps (worker start-up, buffer fill, cuDNN
+    autotuning), then `repeats` windows of `steps` steps (see summarize)."""
+    return measure_interleaved(
+        {"_": step}, device=device, warmup=warmup, repeats=repeats, steps=steps
+    )["_"]
+
+
+def measure_interleaved(
+    configs: dict[str, Step],
+    *,
+    device: torch.device | str,
+    warmup: int,
+    repeats: int,
+    steps: int,
+    memory: PeakMemory | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Several configurations measured side by side: each is warmed up, then the repeats are
+    interleaved (a, b, c, a, b, c, ...), so that a change of load on a shared machine hits
+    every configuration alike. With `memory`, its peaks are attributed per configuration."""
+    windows: dict[str, list] = {name: [] for name in configs}
+    for name, step in configs.items():
+        if memory is not None:
+            memory.switch(name)
+        for _ in range(warmup):
+            step()
+            sync(device)
+    for _ in range(repeats):
+        for name, step in configs.items():
+            if memory is not None:
+                memory.switch(name)
+            windows[name].append(time_window(step, device, steps))
+    out = {name: summarize(w) for name, w in windows.items()}
+    if memory is not None:
+        memory.switch(None)
+        for name in out:
+            out[name].update(memory.result(name))
+    return out
+
+
 class PeakMemory:
-    """Peak resident memory of this process and of each child process (DataLoader workers),
+    """Peak resident memory of this process and of its child processes (DataLoader workers),
     sampled with psutil every `interval` seconds in a background thread, and peak device
-    memory (torch.cuda.max_memory_allocated) on CUDA. Use as a context manager.
+    memory (torch.cuda.max_memory_allocated) on CUDA, per label: `switch(label)` says which
+    configuration runs now; a child belongs to the label under which it was first seen (loader
+    workers start inside their own configuration's step). Use as a context manager.
 
     Worker RSS counts pages shared copy-on-write with the parent, so it overstates what a
     worker adds; it is what the OOM killer and `top` see.
@@ -87,45 +126,62 @@ class PeakMemory:
 
         self.device, self.interval = torch.device(device), interval
         self.proc = psutil.Process()
-        self.main_peak, self.child_peak = 0, {}
+        self.label: str | None = None
+        self.main_peak: dict = {}  # label -> bytes
+        self.device_peak: dict = {}  # label -> bytes
+        self.child_label: dict[int, str | None] = {}
+        self.child_peak: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         import psutil
 
-        self.main_peak = max(self.main_peak, self.proc.memory_info().rss)
+        label = self.label
+        self.main_peak[label] = max(self.main_peak.get(label, 0), self.proc.memory_info().rss)
         for child in self.proc.children(recursive=True):
             try:
                 rss = child.memory_info().rss
             except psutil.Error:  # the worker exited between listing and reading
                 continue
+            self.child_label.setdefault(child.pid, label)
             self.child_peak[child.pid] = max(self.child_peak.get(child.pid, 0), rss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> PeakMemory:
+    def switch(self, label: str | None) -> None:
+        """Close the current label's device-memory window and start `label`'s."""
         if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.device_peak[self.label] = max(self.device_peak.get(self.label, 0), peak)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._sample()
+        self.label = label
+
+    def __enter__(self) -> PeakMemory:
+        self.switch(self.label)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self.switch(None)
 
-    def result(self) -> dict[str, Any]:
+    def result(self, label: str | None = None) -> dict[str, Any]:
+        """Peaks in MB of `label` (all labels when None)."""
+        pick = lambda d: [v for k, v in d.items() if label is None or k == label]  # noqa: E731
+        kids = [self.child_peak[p] for p, lab in self.child_label.items()
+                if label is None or lab == label]  # fmt: skip
         out = {
-            "main_rss_mb": round(self.main_peak / MB, 1),
-            "worker_rss_mb": round(max(self.child_peak.values(), default=0) / MB, 1),
-            "workers_seen": len(self.child_peak),
+            "main_rss_mb": round(max(pick(self.main_peak), default=0) / MB, 1),
+            "worker_rss_mb": round(max(kids, default=0) / MB, 1),
+            "workers_seen": len(kids),
         }
         if self.device.type == "cuda":
-            out["device_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+            out["device_peak_mb"] = round(max(pick(self.device_peak), default=0) / MB, 1)
         return out
 
 

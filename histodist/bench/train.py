@@ -33,7 +33,7 @@ from torch import nn
 from histodist.bench.common import (
     PeakMemory,
     machine_info,
-    measure_steps,
+    measure_interleaved,
     median,
     sync,
     table,
@@ -306,30 +306,26 @@ def race(step: Step, evaluate: Callable[[], float], args, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- suite
-def measured(step: Step, args, device) -> dict:
-    with PeakMemory(device) as mem:
-        out = measure_steps(step, device=device, warmup=args.warmup, repeats=args.repeats,
-                            steps=args.steps)  # fmt: skip
-    return {**out, **mem.result()}
-
-
 def throughput(args, runs_dir: str) -> dict:
-    """(a), (b), (c) one after the other, each loader shut down before the next starts."""
+    """(a), (b), (c) side by side: each warmed up, then their timed windows interleaved.
+    Idle loaders only prefetch (workers x prefetch_factor batches), then wait."""
     p = histodist_parts(args, runs_dir, "throughput")
     device = p.accelerator.device
-    res = {"a_ceiling": measured(ceiling_step(p, args), args, device)}
     timed = TimedAugment(p.augment, device)
-    source = batches(p.train_loader)
-    res["b_histodist"] = measured(
-        histodist_step(dataclasses.replace(p, augment=timed), source, args.seed), args, device
-    )
-    timed_calls = timed.seconds[-args.repeats * args.steps :]  # warm-up calls excluded
-    res["b_histodist"]["augment_ms"] = round(1e3 * median(timed_calls), 2)
-    source.close()  # stops the workers, which would otherwise compete for the CPU with (c)
     b = baseline_parts(args, p.cfg, device)
-    source = batches(b.loader)
-    res["c_baseline"] = measured(baseline_step(b, source), args, device)
-    source.close()
+    sources = [batches(p.train_loader), batches(b.loader)]
+    configs = {
+        "a_ceiling": ceiling_step(p, args),
+        "b_histodist": histodist_step(dataclasses.replace(p, augment=timed), sources[0], args.seed),
+        "c_baseline": baseline_step(b, sources[1]),
+    }
+    with PeakMemory(device) as mem:
+        res = measure_interleaved(configs, device=device, warmup=args.warmup,
+                                  repeats=args.repeats, steps=args.steps, memory=mem)  # fmt: skip
+    for source in sources:
+        source.close()  # stops the loader workers
+    timed_calls = timed.seconds[args.warmup :]  # warm-up calls excluded
+    res["b_histodist"]["augment_ms"] = round(1e3 * median(timed_calls), 2)
     a, bb, c = (res[k]["images_per_s"] for k in ("a_ceiling", "b_histodist", "c_baseline"))
     res["pipeline_efficiency_b_over_a"] = round(bb / a, 3)
     res["b_over_c"] = round(bb / c, 3)
