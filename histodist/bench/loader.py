@@ -154,9 +154,11 @@ def bench_encodings(args) -> list[dict]:
             nbytes = _write(out, [_reencode(s, enc) for s in samples], 500)
             loader = data.eval_loader(str(out), "train", batch_size=args.batch_size, rank=0,
                                       world_size=1, workers=0)  # fmt: skip
-            t0 = time.perf_counter()
-            n = sum(b["image"].shape[0] for b in loader)
-            one = n / (time.perf_counter() - t0)
+            one = 0.0
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                n = sum(b["image"].shape[0] for b in loader)
+                one = max(one, n / (time.perf_counter() - t0))
             loader = data.train_loader(str(out), batch_size=args.batch_size, rank=0,
                                        world_size=1, workers=args.workers,
                                        shuffle_buffer=args.shuffle_buffer)  # fmt: skip
