@@ -20,6 +20,9 @@ from shardkit import pcam_images, write_shards
 
 from histodist import data
 
+# torchvision 0.29 deprecates its image decoders (histodist.data silences it outside pytest)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
 SCRIPT = Path(__file__).parent / "scripts" / "data_ranks.py"
 
 
