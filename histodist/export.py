@@ -61,13 +61,24 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def _publish(path: Path) -> None:
+    """Rename the finished temporary file into place with the usual file mode (some writers
+    create 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(_tmp(path), 0o666 & ~umask)
+    os.replace(_tmp(path), path)
+
+
 def export_torchscript(model, x: torch.Tensor, path: Path) -> torch.Tensor:
     """torch.jit.trace (the models have no data-dependent control flow); returns the reloaded
     module's logits on x."""
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated, still what C++ loads
         torch.jit.trace(model, x).save(str(_tmp(path)))
-    os.replace(_tmp(path), path)
-    with torch.no_grad():
+        _publish(path)
         return torch.jit.load(str(path)).eval()(x)
 
 
@@ -78,7 +89,7 @@ def export_safetensors(run: inference.Run, x: torch.Tensor, path: Path) -> torch
     from histodist.models import build_model
 
     save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(_tmp(path)))
-    os.replace(_tmp(path), path)
+    _publish(path)
     fresh = build_model(run.cfg.model, num_classes=len(run.classes), image_size=run.image_size)
     fresh.load_state_dict(load_file(str(path)))
     with torch.no_grad():
@@ -104,7 +115,7 @@ def export_onnx(model, x: torch.Tensor, path: Path, opset: int) -> torch.Tensor 
     import onnx
 
     onnx.checker.check_model(str(_tmp(path)))
-    os.replace(_tmp(path), path)
+    _publish(path)
     if not importlib.util.find_spec("onnxruntime"):
         print("onnxruntime not installed: ONNX parity not run (pip install onnxruntime)")
         return None

@@ -381,6 +381,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

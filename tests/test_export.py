@@ -61,3 +61,12 @@ def test_export_parity_and_preprocessing(fmt, run_dir, pcam_jpeg, capsys):
     loader = inference.file_batches(run, items, batch_size=8, workers=0)
     want = inference.collect(inference.iter_predictions(run, loader), 2).probs
     assert logits.softmax(1).detach().numpy() == pytest.approx(want, abs=1e-4)
+
+
+def test_onnx_without_onnxscript_uses_the_torchscript_exporter(run_dir, tmp_path, monkeypatch):
+    find_spec = export.importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))  # fmt: skip
+    assert export.main(["--run", str(run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert meta["parity_max_abs_diff"] < 1e-4
