@@ -73,3 +73,31 @@ def tiny_run(pcam_jpeg: Path, base: Path) -> tuple[Path, Path]:
                   "test": more[24:32] + more[56:64]}  # fmt: skip
         write_shards(shards, images, 7)
     return make_run(base / "runs" / "tiny", shards), shards
+
+
+def untrained_run(run_dir: Path, classes: list[str], *, seed: int = 0) -> Path:
+    """A run folder holding a freshly initialised small-cnn for `classes` (e.g. 7 HAM10000
+    classes), normalised with ImageNet-like stats: for tests of the multi-class paths."""
+    from histodist.checkpoint import save_weights
+    from histodist.config import from_dict, save_config
+    from histodist.models import build_model
+
+    cfg = from_dict({
+        "data": {"shards": str(run_dir / "no-shards"), "image_size": IMAGE_SIZE, "workers": 0,
+                 "num_classes": len(classes)},
+        "model": {"model": "small-cnn"},
+        "log": {"wandb": "disabled"},
+    })  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes=len(classes), image_size=IMAGE_SIZE)
+    ckpt = Path(run_dir) / "checkpoints" / "best"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    manifest = {"format": "histodist-shards/1", "classes": classes, "image": None,
+                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "splits": {}}  # fmt: skip
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    save_weights(model.state_dict(), ckpt / "model.safetensors")
+    meta = {"epoch": 0, "step": 0, "num_classes": len(classes), "image_size": IMAGE_SIZE,
+            "classes": classes}  # fmt: skip
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    return run_dir

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runkit import IMAGE_SIZE, tiny_run
+from runkit import IMAGE_SIZE, tiny_run, untrained_run
 from shardkit import pcam_images
 from sklearn.metrics import roc_auc_score
 
@@ -133,3 +133,26 @@ def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path)
     assert len(keys) == len(set(keys)) == 20
     for k in ("n", "accuracy", "auc", "nll", "ece"):
         assert two["patch"][k] == pytest.approx(one["patch"][k], abs=1e-6), k
+
+
+def test_multiclass_csv_input_with_lesion_groups(pcam_jpeg, tmp_path):
+    """HAM10000-like: 3 classes, images of various sizes, lesion ids in a CSV."""
+    classes = ["bcc", "mel", "nv"]
+    run_dir = untrained_run(tmp_path / "run", classes)
+    rows = ["path,label,group"]
+    for i, (path, _) in enumerate(pcam_images(pcam_jpeg, "valid", 6)):
+        img = Image.open(path).resize((60 + 10 * (i % 3), 45 + 5 * (i % 2)))  # sizes vary
+        img.save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png,{classes[i % 3]},lesion{i // 2}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    assert evaluate.main(["--run", str(run_dir), "--input", str(tmp_path / "meta.csv"),
+                          "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    m = json.loads((run_dir / "eval-input-meta" / "metrics.json").read_text())
+    assert set(m["patch"]["per_class"]) == set(classes)
+    assert [c["support"] for c in m["patch"]["per_class"].values()] == [4, 4, 4]
+    assert np.array(m["patch"]["confusion"]).shape == (3, 3)
+    assert np.array(m["patch"]["confusion"]).sum() == 12
+    assert m["group_mean"]["num_groups"] == 6 and "macro_f1" in m["group_max"]
+    rows = _read_csv(run_dir / "eval-input-meta" / "predictions.csv")
+    assert [r["group"] for r in rows[:3]] == ["lesion0", "lesion0", "lesion1"]
+    assert (run_dir / "eval-input-meta" / "confusion.png").is_file()
