@@ -159,9 +159,13 @@ def bench_encodings(args) -> list[dict]:
                 t0 = time.perf_counter()
                 n = sum(b["image"].shape[0] for b in loader)
                 one = max(one, n / (time.perf_counter() - t0))
-            loader = data.train_loader(str(out), batch_size=args.batch_size, rank=0,
-                                       world_size=1, workers=args.workers,
-                                       shuffle_buffer=args.shuffle_buffer)  # fmt: skip
+            # One long epoch over the few shards (resampled), so the timed batches do not
+            # include per-epoch worker start-up and shuffle-buffer fills.
+            urls = sorted(str(p) for p in out.glob("*.tar"))
+            total = args.batch_size * (args.num_batches + args.warmup + 1)
+            loader = data.from_urls(urls, batch_size=args.batch_size, rank=0, world_size=1,
+                                    num_samples=total, workers=args.workers,
+                                    shuffle_buffer=args.shuffle_buffer)  # fmt: skip
             multi = max(_rate(_epochs(loader), args.num_batches, args.warmup)["images_per_s"]
                         for _ in range(args.repeats))  # fmt: skip
             rows.append({"encoding": enc, "bytes_per_sample": round(nbytes / n),
