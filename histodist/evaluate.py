@@ -56,7 +56,7 @@ def _predict(acc, run: inference.Run, args, shards: str | None, split: str | Non
     it = inference.iter_predictions(run, batches, device=acc.device, tta=args.tta, autocast=amp,
                                     progress=acc.is_main_process and not args.no_progress,
                                     total=len(batches))  # fmt: skip
-    return inference.gather(acc, inference.collect(it, len(run.classes)))
+    return inference.gather(acc, inference.collect(it, len(run.classes))).sorted()
 
 
 def youden_from_valid(acc, run: inference.Run, args, shards: str | None, split: str | None):

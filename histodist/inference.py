@@ -168,6 +168,19 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def sorted(self) -> Predictions:
+        """Rows ordered by key: the same order whatever the number of processes, so seeded
+        bootstrap intervals do not depend on it."""
+        order = sorted(range(len(self.keys)), key=self.keys.__getitem__)
+        return Predictions(
+            [self.keys[i] for i in order],
+            self.labels[order],
+            [self.groups[i] for i in order],
+            self.probs[order],
+            [self.paths[i] for i in order] if self.paths else [],
+            self.errors,
+        )
+
     @property
     def valid(self) -> np.ndarray:
         """Rows with a label and a prediction (what the metrics use)."""

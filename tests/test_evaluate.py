@@ -131,7 +131,7 @@ def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path)
     assert two["world_size"] == 2 and one["world_size"] == 1
     keys = [r["key"] for r in _read_csv(tmp_path / "two" / "predictions.csv")]
     assert len(keys) == len(set(keys)) == 20
-    for k in ("n", "accuracy", "auc", "nll", "ece"):
+    for k in ("n", "accuracy", "auc", "auc_ci95", "nll", "ece"):
         assert two["patch"][k] == pytest.approx(one["patch"][k], abs=1e-6), k
 
 
@@ -154,5 +154,6 @@ def test_multiclass_csv_input_with_lesion_groups(pcam_jpeg, tmp_path):
     assert np.array(m["patch"]["confusion"]).sum() == 12
     assert m["group_mean"]["num_groups"] == 6 and "macro_f1" in m["group_max"]
     rows = _read_csv(run_dir / "eval-input-meta" / "predictions.csv")
-    assert [r["group"] for r in rows[:3]] == ["lesion0", "lesion0", "lesion1"]
+    group = {r["key"]: r["group"] for r in rows}
+    assert [group[f"img{i}"] for i in (0, 1, 2, 11)] == ["lesion0", "lesion0", "lesion1", "lesion5"]
     assert (run_dir / "eval-input-meta" / "confusion.png").is_file()
