@@ -97,13 +97,13 @@ def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
         text=True,
     )
     metrics = tmp_path / "b" / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and sum(1 for _ in metrics.open()) >= 3:  # mid-epoch 1
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    out, _ = proc.communicate(timeout=240)
+    out, _ = proc.communicate(timeout=500)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM: saved" in out, out[-3000:]
     last = tmp_path / "b" / "checkpoints" / "last"
@@ -183,7 +183,7 @@ def test_training_options_together(shards, tmp_path, capsys):
         "disabled",
         *TINY,
         "--epochs",
-        "3",
+        "2",
         "--accum-steps",
         "2",
         "--ema",
@@ -216,7 +216,7 @@ def test_training_options_together(shards, tmp_path, capsys):
     val_steps = [x["step"] for x in _lines(run_dir) if "val/auc" in x]
     assert val_steps[:3] == [3, 4, 6]  # every 3 steps and at each epoch end (step 4)
     out = capsys.readouterr().out
-    assert meta["step"] == 12 or "early stop" in out
+    assert meta["step"] == 8 or "early stop" in out
     assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)

@@ -62,7 +62,7 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "histodist.train", *args]
 
 
-def run(args: list[str], *, wandb_dir: Path | None = None, timeout: int = 300, **extra: str):
+def run(args: list[str], *, wandb_dir: Path | None = None, timeout: int = 560, **extra: str):
     return subprocess.run(
         args, cwd=ROOT, env=env(wandb_dir, **extra), capture_output=True, text=True, timeout=timeout
     )
