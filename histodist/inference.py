@@ -145,10 +145,8 @@ def iter_predictions(
         ok = batch.get("ok")
         if ok is not None:
             probs[~ok] = float("nan")
-        out = {k: batch[k] for k in ("key", "label", "group") if k in batch}
-        out.update(probs=probs, **({"path": batch["path"]} if "path" in batch else {}))
-        if "error" in batch:
-            out["error"] = batch["error"]
+        out = {k: batch[k] for k in ("key", "label", "group", "path", "error") if k in batch}
+        out["probs"] = probs
         if keep_images:
             out["image"] = batch["image"].cpu()
         yield out
