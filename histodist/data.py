@@ -33,7 +33,7 @@ from webdataset.tariterators import group_by_keys
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import iter_tar
 
-Batch = dict  # "image": uint8 (B,3,H,W), "label": int64 (B,), "key": list[str], "group": list
+Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "ppm", "npy")
 _TV_EXTS = {"jpg", "jpeg", "png", "webp"}  # torchvision decodes these; PIL does the rest
@@ -222,7 +222,12 @@ def decoded(samples: Iterable[dict], counts: dict, image_size) -> Iterator[dict]
 
 
 def collate(samples: list[dict]) -> Batch:
-    """List of decoded samples -> Batch with uint8 (B,3,H,W) images and int64 (B,) labels."""
+    """List of decoded samples -> Batch with uint8 (B,3,H,W) images and int64 (B,) labels.
+
+    The image batch is channels_last in memory (NHWC strides, shape still (B,3,H,W)): the
+    decoders produce HWC pixels, so stacking them as is costs one plain copy, where an NCHW
+    copy per image took ~4x longer on the CPU (the models run channels_last anyway). Call
+    `.contiguous()` for NCHW memory."""
     shapes = {tuple(s["image"].shape) for s in samples}
     if len(shapes) > 1:
         raise DataError(
@@ -230,7 +235,7 @@ def collate(samples: list[dict]) -> Batch:
             f"{samples[0]['key']}); set image_size (data.image_size) to resize them in the workers"
         )
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": torch.stack([s["image"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
         "group": [s["group"] for s in samples],

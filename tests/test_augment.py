@@ -180,3 +180,10 @@ def test_fused_color_jitter_equals_sequential_ops(batch):
     ref = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), torch.stack([z[:, 0], i, q], 1))
     out = A.color_jitter(x, gen(6), brightness=0.2, contrast=0.3, saturation=0.4, hue=0.1)
     assert torch.allclose(out, ref.clamp(0, 1), atol=1e-4)
+
+
+def test_channels_last_input_gives_the_same_batch(batch):
+    """histodist.data hands over channels_last uint8 batches; results must not depend on it."""
+    aug = A.build("pcam", out_size=64, mean=MEAN, std=STD)
+    cl = batch.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(aug(cl, gen(4)), aug(batch, gen(4)), atol=1e-5)

@@ -80,6 +80,7 @@ def test_train_yields_exactly_len_full_batches(shards, workers, resample):
         assert len(loader) == len(batches) == data.steps_per_epoch(24, 2, 4)
         for b in batches:
             assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 3, 96, 96)
+            assert b["image"].is_contiguous(memory_format=torch.channels_last)
             assert b["label"].dtype == torch.int64 and set(b["label"].tolist()) <= {0, 1}
             assert len(b["key"]) == 4 and b["group"] == [f"g{v}" for v in b["label"].tolist()]
         assert loader.stats() == {"decode_errors": 0, "bad_shards": 0}
