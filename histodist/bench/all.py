@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -34,6 +35,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--workers", type=int, default=2, help="loader workers (all suites)")
     p.add_argument("--json", default="bench-report.json", help="where to write the report")
     p.add_argument("--quick", action="store_true", help="CI-sized run of every suite")
+    p.add_argument("--shard-args", default="", help='extra options for the shard suite, e.g. '
+                   '"--limit 1000"')  # fmt: skip
+    p.add_argument("--loader-args", default="", help='extra options for the loader suite, e.g. '
+                   '"--num-batches 10"')  # fmt: skip
     args, rest = p.parse_known_args(argv)
     unknown = [s for s in args.suites.split(",") if s not in SUITES]
     if unknown:
@@ -46,12 +51,14 @@ def suite_argv(name: str, args: argparse.Namespace, rest: list[str], out: Path) 
     if name == "shard":
         argv = ["--src", args.data, "--workers", ",".join(sorted({"1", str(args.workers)}))]
         argv += ["--limit", "40"] if args.quick else []
+        argv += shlex.split(args.shard_args)
     elif name == "loader":
         argv = ["--shards", args.shards, "--image-folder", str(Path(args.data) / "train"),
                 "--workers", str(args.workers)]  # fmt: skip
         quick = ["--batch-size", "16", "--num-batches", "2", "--warmup", "1", "--repeats", "1",
                  "--shuffle-buffer", "16", "--skip-encodings"]  # fmt: skip
         argv += quick if args.quick else []
+        argv += shlex.split(args.loader_args)
     else:
         argv = ["--shards", args.shards, "--data", args.data]
         argv += ["--workers", str(args.workers), *(["--quick"] if args.quick else []), *rest]

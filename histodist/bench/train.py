@@ -6,8 +6,11 @@ Measured side by side in one run, same model, batch, precision, optimizer and wo
   (b) histodist: shards -> data.train_loader -> to the device -> augment preset -> same step;
   (c) baseline: torchvision ImageFolder + PIL transforms (flips, ToTensor, Normalize; Resize
       when the input size differs) + DataLoader + a plain PyTorch loop;
-and b/a ("pipeline efficiency"), b/c. Per configuration: time per step spent waiting for the
-next batch vs the rest, peak RSS of the main process and of each worker, peak device memory.
+and b/a ("pipeline efficiency"), b/c. The three are warmed up, then their timed windows are
+interleaved (a b c a b c ...), so that other load on a shared machine hits them alike; images/s
+is the median over windows. Per configuration: time per step spent waiting for the next batch
+vs the rest (and, for (b), in augmentation), peak RSS of the main process and of each worker,
+peak device memory.
 Time to accuracy: (b) and (c) trained from the same initial weights until the AUC on a fixed
 validation subset (evaluated every --eval-every steps, clock paused) first reaches --target-auc,
 or --tta-budget-s of training time runs out.
@@ -404,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.shards) / "manifest.json").is_file() or not Path(args.data).is_dir():
         print(f"histodist.bench train: error: need shards at {args.shards} (manifest.json) and "
               f"images at {args.data}/train, /valid; pass --shards and --data", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("histodist.bench train: error: --device cuda but torch sees no CUDA device; "
+              "use --device cpu or auto", file=sys.stderr)  # fmt: skip
         return 2
     if device_of(args).type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
