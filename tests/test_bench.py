@@ -56,7 +56,7 @@ def test_bench_all_quick_report(tiny_pcam, tmp_path):
     assert report["machine"]["cpus"] >= 1 and len(report["machine"]["load_avg"]) == 3
 
     t = report["suites"]["train"]["throughput"]
-    for key in ("a_ceiling", "b_histodist", "c_baseline"):
+    for key in ("a_ceiling", "b_histodist", "b2_histodist_flips", "c_baseline"):
         r = t[key]
         assert _positive(r["images_per_s"]) and len(r["images_per_s_repeats"]) == 2
         assert 0 <= r["data_wait_ms"] <= r["step_ms"]
@@ -68,6 +68,11 @@ def test_bench_all_quick_report(tiny_pcam, tmp_path):
     a, b, c = (t[k]["images_per_s"] for k in ("a_ceiling", "b_histodist", "c_baseline"))
     assert t["pipeline_efficiency_b_over_a"] == pytest.approx(b / a, abs=1e-3)
     assert t["b_over_c"] == pytest.approx(b / c, abs=1e-3)
+    assert t["b2_over_c"] == pytest.approx(t["b2_histodist_flips"]["images_per_s"] / c, abs=1e-3)
+    for split in t["time_split"].values():
+        assert sum(split[k] for k in ("data_wait_pct", "augment_pct", "rest_pct")) == (
+            pytest.approx(100.0, abs=0.2)
+        )
 
     tta = report["suites"]["train"]["time_to_accuracy"]
     for key in ("histodist", "baseline"):

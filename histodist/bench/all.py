@@ -107,7 +107,10 @@ def summary_rows(report: dict) -> list[dict]:
 def _train_rows(tr: dict, add) -> None:
     t = tr["throughput"]
     for key, label in (("a_ceiling", "(a) ceiling"), ("b_histodist", "(b) histodist"),
+                       ("b2_histodist_flips", "(b2) histodist, flips only"),
                        ("c_baseline", "(c) baseline")):  # fmt: skip
+        if key not in t:
+            continue
         r = t[key]
         add("train", f"images/s, {label}", r["images_per_s"])
         add(
@@ -119,8 +122,16 @@ def _train_rows(tr: dict, add) -> None:
         add("train", f"peak RSS MB main / per worker, {label}", mem)
         if "device_peak_mb" in r:
             add("train", f"peak device memory MB, {label}", r["device_peak_mb"])
+    for key, sp in t["time_split"].items():
+        label = key.split("_", 1)[0].join("()")
+        add("train", f"step time % data wait / augment / rest, {label}",
+            f"{sp['data_wait_pct']} / {sp['augment_pct']} / {sp['rest_pct']}")  # fmt: skip
     add("train", "pipeline efficiency b/a", t["pipeline_efficiency_b_over_a"])
     add("train", "b/c", t["b_over_c"])
+    if "b2_over_c" in t:
+        add(
+            "train", "b2/a, b2/c (like for like: flips only)", f"{t['b2_over_a']}, {t['b2_over_c']}"
+        )
     tta = tr.get("time_to_accuracy")
     if tta:
         for k in ("histodist", "baseline"):

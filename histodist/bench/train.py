@@ -67,6 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     a("--augment", default="pcam", help="histodist augmentation preset for (b)")
+    a("--like-for-like", action=argparse.BooleanOptionalAction, default=True,
+      help="also measure (b2): histodist with the baseline's flips only")  # fmt: skip
     a("--lr", type=float, default=1e-3, help="AdamW lr, constant after a short warmup")
     a("--warmup", type=int, default=3, help="untimed steps before each measurement")
     a("--steps", type=int, default=10, help="timed steps per repeat")
@@ -309,30 +311,68 @@ def race(step: Step, evaluate: Callable[[], float], args, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- suite
+# The baseline's augmentation (random horizontal and vertical flips) as histodist ops, for a
+# like-for-like (b2): dihedral adds a random transpose, which costs the same per sample.
+FLIPS = [{"op": "dihedral"}]
+
+
 def throughput(args, runs_dir: str) -> dict:
-    """(a), (b), (c) side by side: each warmed up, then their timed windows interleaved.
-    Idle loaders only prefetch (workers x prefetch_factor batches), then wait."""
+    """(a), (b), [(b2)], (c) side by side: each warmed up, then their timed windows interleaved.
+    (b2) is (b) with flips only and shares (b)'s loader. Idle loaders only prefetch (workers x
+    prefetch_factor batches), then wait."""
+    from histodist import augment as aug
+
     p = histodist_parts(args, runs_dir, "throughput")
     device = p.accelerator.device
-    timed = TimedAugment(p.augment, device)
+    timed = {"b_histodist": TimedAugment(p.augment, device)}
     b = baseline_parts(args, p.cfg, device)
     sources = [batches(p.train_loader), batches(b.loader)]
     configs = {
         "a_ceiling": ceiling_step(p, args),
-        "b_histodist": histodist_step(dataclasses.replace(p, augment=timed), sources[0], args.seed),
-        "c_baseline": baseline_step(b, sources[1]),
+        "b_histodist": histodist_step(
+            dataclasses.replace(p, augment=timed["b_histodist"]), sources[0], args.seed
+        ),
     }
+    if args.like_for_like:
+        flips = aug.build(FLIPS, out_size=args.image_size, mean=p.meta["mean"], std=p.meta["std"])
+        timed["b2_histodist_flips"] = TimedAugment(flips, device)
+        q = dataclasses.replace(p, augment=timed["b2_histodist_flips"])
+        configs["b2_histodist_flips"] = histodist_step(q, sources[0], args.seed)
+    configs["c_baseline"] = baseline_step(b, sources[1])
     with PeakMemory(device) as mem:
         res = measure_interleaved(configs, device=device, warmup=args.warmup,
                                   repeats=args.repeats, steps=args.steps, memory=mem)  # fmt: skip
     for source in sources:
         source.close()  # stops the loader workers
-    timed_calls = timed.seconds[args.warmup :]  # warm-up calls excluded
-    res["b_histodist"]["augment_ms"] = round(1e3 * median(timed_calls), 2)
-    a, bb, c = (res[k]["images_per_s"] for k in ("a_ceiling", "b_histodist", "c_baseline"))
-    res["pipeline_efficiency_b_over_a"] = round(bb / a, 3)
-    res["b_over_c"] = round(bb / c, 3)
+    for key, t in timed.items():
+        res[key]["augment_ms"] = round(1e3 * median(t.seconds[args.warmup :]), 2)
+    rate = {k: r["images_per_s"] for k, r in res.items()}
+    res["pipeline_efficiency_b_over_a"] = round(rate["b_histodist"] / rate["a_ceiling"], 3)
+    res["b_over_c"] = round(rate["b_histodist"] / rate["c_baseline"], 3)
+    if args.like_for_like:
+        res["b2_over_c"] = round(rate["b2_histodist_flips"] / rate["c_baseline"], 3)
+        res["b2_over_a"] = round(rate["b2_histodist_flips"] / rate["a_ceiling"], 3)
+    res["time_split"] = time_split(res)
     return res
+
+
+def time_split(res: dict) -> dict:
+    """Where a step's time goes, in % of the median step of each configuration: waiting for
+    the next batch, augmentation (b only), and the rest (copy to the device, forward, backward,
+    optimizer). The model-only share is the ceiling's step time over this one's."""
+    out = {}
+    for key in ("b_histodist", "b2_histodist_flips", "c_baseline"):
+        if key not in res:
+            continue
+        r = res[key]
+        step, aug = r["step_ms"], r.get("augment_ms", 0.0)
+        out[key] = {
+            "data_wait_pct": round(100 * r["data_wait_ms"] / step, 1),
+            "augment_pct": round(100 * aug / step, 1),
+            "rest_pct": round(100 * (step - r["data_wait_ms"] - aug) / step, 1),
+            "ceiling_step_pct": round(100 * res["a_ceiling"]["step_ms"] / step, 1),
+        }
+    return out
 
 
 def time_to_accuracy(args, runs_dir: str) -> dict:
@@ -372,13 +412,14 @@ def run(args) -> dict:
 
 LABELS = {"a_ceiling": "(a) model alone, synthetic batch on device",
           "b_histodist": "(b) histodist: shards + device augment + loop",
+          "b2_histodist_flips": "(b2) = (b) with flips only, like (c)",
           "c_baseline": "(c) baseline: ImageFolder + PIL + plain loop"}  # fmt: skip
 
 
 def rows(report: dict) -> list[dict]:
     """One table row per configuration (used by this suite and by `bench all`)."""
     t = report["throughput"]
-    return [{"config": LABELS[k], **t[k]} for k in LABELS]
+    return [{"config": LABELS[k], **t[k]} for k in LABELS if k in t]
 
 
 def render(report: dict) -> str:
@@ -392,6 +433,14 @@ def render(report: dict) -> str:
             "main_rss_mb", "worker_rss_mb", "device_peak_mb"]  # fmt: skip
     out = [head, table(rows(report), cols), f"pipeline efficiency b/a = "
            f"{t['pipeline_efficiency_b_over_a']:.3f}, b/c = {t['b_over_c']:.3f}"]  # fmt: skip
+    if "b2_over_c" in t:
+        out.append(f"like for like (flips only): b2/a = {t['b2_over_a']:.3f}, "
+                   f"b2/c = {t['b2_over_c']:.3f}")  # fmt: skip
+    for key, s in t["time_split"].items():
+        name = LABELS[key].split(" ", 1)[0]
+        out.append(f"{name} step time: data wait {s['data_wait_pct']}%, augmentation "
+                   f"{s['augment_pct']}%, copy + forward + backward + optimizer "
+                   f"{s['rest_pct']}% (the ceiling's step is {s['ceiling_step_pct']}% of it)")  # fmt: skip
     tta = report.get("time_to_accuracy")
     if tta:
         out.append(f"time to AUC {tta['target_auc']} on {tta['valid_images']} valid images "
