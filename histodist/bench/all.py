@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="images as <split>/<class>/*.jpg (train, valid)")  # fmt: skip
     p.add_argument("--shards", default="shards/pcam-sample", help="the same images as shards")
     p.add_argument("--workers", type=int, default=2, help="loader workers (all suites)")
-    p.add_argument("--json", default="bench-report.json", help="where to write the report")
+    p.add_argument("--json", default="bench-results/report.json", help="where to write the report")
     p.add_argument("--quick", action="store_true", help="CI-sized run of every suite")
     p.add_argument("--shard-args", default="", help='extra options for the shard suite, e.g. '
                    '"--limit 1000"')  # fmt: skip
