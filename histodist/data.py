@@ -89,12 +89,12 @@ def resampled(items: list, rng: random.Random) -> Iterator:
         yield items[rng.randrange(len(items))]
 
 
-def passes(items: list, rng: random.Random) -> Iterator:
-    """Infinite stream of shuffled passes over items (training with resample=False)."""
+def passes(items: list, rng: random.Random) -> Iterator[list]:
+    """Endless shuffled orders of items, one per pass (training with resample=False)."""
     while True:
         order = list(items)
         rng.shuffle(order)
-        yield from order
+        yield order
 
 
 def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache_dir: str | None):
@@ -304,36 +304,47 @@ class RankStream(IterableDataset):
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
 
-    def _source(self, worker: int, workers: int, rng: random.Random) -> Iterator:
+    def _shuffled(self, samples: Iterator, tag: str) -> Iterator:
+        if self.shuffle_buffer <= 1:
+            return samples
+        # initial=bufsize: fill the buffer before the first sample (webdataset's default
+        # initial=100 would mix only the first 100 samples of the first shard).
+        rng = random.Random(f"shuffle/{tag}")
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+
+    def _passes(self, share: list, rng: random.Random, read, tag: str) -> Iterator:
+        """Shuffled passes over share, each through its own shuffle buffer drained at the end
+        of the pass, so that a pass yields each of its samples once before the next starts."""
+        for k, order in enumerate(passes(share, rng)):
+            n = 0
+            for sample in self._shuffled(read(iter(order)), f"{tag}/{k}"):
+                n += 1
+                yield sample
+            if n == 0:
+                raise ShardError(f"no readable samples in {len(order)} shards ({order[0][0]}, ...)")
+
+    def _raw_samples(self, worker: int, workers: int, counts: dict) -> Iterator:
+        """This worker's raw samples: its shards in order (eval) or a shuffled stream (train)."""
+        tag = f"{self.seed}/{self.epoch.value}/{self.rank}/{worker}"
+        patience = 10 * len(self.shards) + 10
+
+        def read(source: Iterator) -> Iterator:
+            return stream_samples(source, counts, skip_bad=self.skip_bad_shards,
+                                  cache_dir=self.cache_dir, patience=patience)  # fmt: skip
+
         mine = split_by_rank(self.shards, self.rank, self.world_size)
         if self.steps is None:
-            return iter(mine[worker::workers])
-        pool = mine or self.shards
+            return read(iter(mine[worker::workers]))
+        pool, rng = mine or self.shards, random.Random(f"shards/{tag}")
         if self.resample:
-            return resampled(pool, rng)
-        return passes(pool[worker::workers] or pool, rng)
+            return self._shuffled(read(resampled(pool, rng)), tag)
+        return self._passes(pool[worker::workers] or pool, rng, read, tag)
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = worker_context()
         counts = {"decode_errors": 0, "bad_shards": 0}
         train = self.steps is not None
-        tag = f"{self.seed}/{self.epoch.value}/{self.rank}/{worker}"
-        source = self._source(worker, workers, random.Random(f"shards/{tag}"))
-        samples = stream_samples(
-            source,
-            counts,
-            skip_bad=self.skip_bad_shards,
-            cache_dir=self.cache_dir,
-            patience=10 * len(self.shards) + 10,
-        )
-        if train and self.shuffle_buffer > 1:
-            # initial=bufsize: fill the buffer before the first sample (webdataset's default
-            # initial=100 would mix only the first 100 samples of the first shard).
-            rng = random.Random(f"shuffle/{tag}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-                samples
-            )
-        samples = decoded(samples, counts, self.image_size)
+        samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size)
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not train)(samples)
         if train:
             quota = self.steps // workers + (worker < self.steps % workers)
@@ -429,10 +440,13 @@ def train_loader(
 ) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
 
-    With resample=False each worker walks shuffled passes over its own shards; when shards do
-    not divide evenly over ranks x workers, a worker may start a second pass (repeating some
-    samples) or stop before the end of its pass (skipping some) this epoch, because the step
-    count is fixed so that DDP never waits on a rank that ran out of data.
+    resample=True (default): each worker draws its rank's shards with replacement, seeded by
+    (seed, epoch, rank, worker). resample=False: each worker walks shuffled passes over its
+    own share of the rank's shards (one shuffle buffer per pass); when the shards divide evenly
+    over ranks x workers and the batch size divides a worker's share, every sample is read
+    exactly once per epoch. Otherwise a worker may start a second pass (repeating some samples)
+    or stop before the end of its pass (skipping some) this epoch: the step count is fixed so
+    that DDP never waits on a rank that ran out of data.
     """
     manifest = load_manifest(shards)
     urls = split_shards(manifest, split, shards)

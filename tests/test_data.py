@@ -332,3 +332,19 @@ def test_pipe_url_base_and_brace_patterns(shards):
         for r in range(2)
     ]
     assert sorted(evaluated[0] + evaluated[1]) == sorted(all_keys(shards, "train"))
+
+
+def test_no_resample_reads_each_sample_once_when_shards_divide_evenly(tmp_path, images):
+    """4 shards of 6 over 2 ranks x 2 workers, batch 3: every sample exactly once per epoch."""
+    write_shards(tmp_path / "even", {"train": images["train"]}, 6)
+    for epoch in range(2):
+        keys = []
+        for rank in range(2):
+            loader = data.train_loader(str(tmp_path / "even"), batch_size=3, rank=rank,
+                                       world_size=2, workers=2, shuffle_buffer=8,
+                                       resample=False)  # fmt: skip
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 4
+            keys += keys_of(batches)
+        assert sorted(keys) == sorted(all_keys(str(tmp_path / "even"), "train"))
