@@ -109,7 +109,9 @@ def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache
     try:
         stream = open_url(url, cache_dir=cache_dir)
         try:
-            files = ({"fname": n, "data": d, "__url__": url} for n, d in iter_tar(stream))
+            files = (
+                {"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream)
+            )
             for sample in group_by_keys(files):
                 n += 1
                 yield sample
