@@ -84,7 +84,7 @@ def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
     if reason == "preempted":
         loop.save(p, st, improved=False)
         p.log.print(
-            f"{p.preempt.received or 'signal'}: saved {p.run_dir}/checkpoints/last at "
+            f"{p.preempt.received or 'preemption signal on another rank'}: saved {p.run_dir}/checkpoints/last at "
             f"step {st.step}; rerun the same command with --resume to continue"
         )
     else:

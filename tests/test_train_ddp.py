@@ -2,10 +2,14 @@
 every training sample is seen once per epoch across ranks, validation covers the whole split."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
-from trainkit import ROOT, TINY, free_port, run, tiny_shards
+from trainkit import ROOT, TINY, env, free_port, run, tiny_shards
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +67,61 @@ def test_two_processes(tmp_path, pcam_jpeg):
     # Valid shards of 16, 16, 8 give the ranks 24 and 16 samples: gathered with padding, trimmed.
     assert [x["val/num_samples"] for x in val] == [40, 40]
     assert (tmp_path / "runs/ddp/checkpoints/last/random_states_1.pkl").is_file()
+
+
+def test_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, pcam_jpeg):
+    """SIGUSR1 to rank 1 only: the ranks agree through an all-reduce, save and exit 0."""
+    shards = tiny_shards(tmp_path / "shards", pcam_jpeg)
+    out = tmp_path / "probe"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "scripts" / "train_probe.py"),
+        str(out),
+        "--shards",
+        str(shards),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "sig",
+        "--wandb",
+        "disabled",
+        "--epochs",
+        "50",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(ACCELERATE_USE_CPU="true"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "pid1").is_file() and metrics.is_file() and metrics.stat().st_size > 0:
+            os.kill(int((out / "pid1").read_text()), signal.SIGUSR1)
+            break
+        time.sleep(0.05)
+    log, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, log[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["reason"] for r in ranks] == ["preempted", "preempted"]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    meta = json.loads((tmp_path / "runs/sig/checkpoints/last/meta.json").read_text())
+    assert 0 < meta["step"] < 50 * 4 and meta["world_size"] == 2
+    assert "preemption signal on another rank: saved" in log  # rank 0 never got the signal

@@ -8,6 +8,7 @@ and a checksum of the final parameters, so a test can check the ranks agree.
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class Recorder:
 def main() -> None:
     out = Path(sys.argv[1])
     p = train.setup(parse_args(sys.argv[2:]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pid{p.accelerator.process_index}").write_text(str(os.getpid()))
+    p.preempt.install()
     p.train_loader = Recorder(p.train_loader)
     st = build.resume_state(p)
     reason = train.fit(p, st)
