@@ -83,9 +83,10 @@ def fit(p: loop.Parts, st: loop.State) -> str:
 def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
     if reason == "preempted":
         loop.save(p, st, improved=False)
+        who = p.preempt.received or "preemption signal on another rank"
         p.log.print(
-            f"{p.preempt.received or 'preemption signal on another rank'}: saved {p.run_dir}/checkpoints/last at "
-            f"step {st.step}; rerun the same command with --resume to continue"
+            f"{who}: saved {p.run_dir}/checkpoints/last at step {st.step}; "
+            "rerun the same command with --resume to continue"
         )
     else:
         p.log.print(
