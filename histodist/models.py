@@ -115,7 +115,8 @@ class SmallCNN(nn.Module):
 
 def build_model(cfg: ModelConfig, *, num_classes: int, image_size: int | None = None) -> nn.Module:
     """The model named by `cfg.model` with `num_classes` outputs, on CPU in train mode.
-    `--pretrained` loads timm hub weights into every timm backbone; `--weights` loads a local file."""
+    `--pretrained` loads timm hub weights into every timm backbone; `--weights` loads a local
+    file."""
     name, pre, drop = cfg.model, cfg.pretrained, cfg.drop_rate
     if name == "small-cnn":
         model: nn.Module = SmallCNN(num_classes, drop)

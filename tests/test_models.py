@@ -1,4 +1,4 @@
-"""Every model option builds and trains one step at a small input size; weights loading; freezing."""
+"""Every model option builds and trains one step at a small input size; weights; freezing."""
 
 import pytest
 import torch
