@@ -46,10 +46,6 @@ def test_two_processes(tmp_path, pcam_jpeg):
         "--epochs",
         "2",
         *TINY,
-        # The streaming shuffle buffer draws ahead into the next pass over the shards, which
-        # blurs epoch boundaries; without it an epoch is exactly one pass.
-        "--shuffle-buffer",
-        "0",
     ]
     res = run(cmd, timeout=400, ACCELERATE_USE_CPU="true")
     assert res.returncode == 0, res.stderr[-4000:]
