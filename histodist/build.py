@@ -5,6 +5,7 @@ Each builder is small and called once by histodist.train.run(); nothing here tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ from histodist import data
 from histodist.config import Config, ConfigError, replace, save_config
 from histodist.loop import Parts, State
 from histodist.models import build_model, model_norm, set_backbone_trainable
-from histodist.optim import build_optimizer, build_scheduler
+from histodist.optim import build_optimizer, build_scheduler, scaled_lr
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
 
@@ -129,7 +130,10 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_dl, valid_dl = loaders(acc, cfg, manifest)
-    optimizer = build_optimizer(model, cfg.optim)
+    # The scaled peak lr goes to the optimizer only: the saved config keeps what the user asked.
+    optimizer = build_optimizer(
+        model, dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, acc.num_processes))
+    )
     per_epoch = math.ceil(len(train_dl) / cfg.optim.accum_steps)
     scheduler = build_scheduler(
         optimizer,

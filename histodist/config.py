@@ -142,13 +142,20 @@ class OptimConfig:
     min_lr_ratio: float = opt(0.01, "final lr as a fraction of the peak lr")
     batch_size: int = opt(128, "batch size per process")
     accum_steps: int = opt(1, "gradient accumulation steps per optimizer step")
+    lr_scaling: str = opt(
+        "none",
+        "scale --lr with the global batch (batch x processes x accum steps): linear = "
+        "lr x global batch / --lr-reference-batch, so runs on 1 and 16 GPUs are comparable",
+        choices=("none", "linear"),
+    )
+    lr_reference_batch: int = opt(256, "global batch at which --lr applies unscaled (linear)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value (0 = off)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     ema: float = opt(0.0, "EMA decay of the weights (0 = off, e.g. 0.999); evaluation uses the EMA")
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        for name in ("lr", "batch_size", "accum_steps"):
+        for name in ("lr", "batch_size", "accum_steps", "lr_reference_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
         if not 0.0 < self.layer_decay <= 1.0:

@@ -51,6 +51,18 @@ def _layer_decay_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
+def global_batch(cfg: OptimConfig, world_size: int) -> int:
+    """Samples per optimizer step over all processes: batch x world size x accumulation steps."""
+    return cfg.batch_size * world_size * cfg.accum_steps
+
+
+def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
+    """Peak lr after `--lr-scaling`: linear scales with the global batch (Goyal et al., 2017)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch(cfg, world_size) / cfg.lr_reference_batch
+    return cfg.lr
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":

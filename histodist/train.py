@@ -16,6 +16,7 @@ from histodist.config import Config, ConfigError, parse_args
 from histodist.data import DataError, load_manifest
 from histodist.distributed import set_determinism
 from histodist.models import WeightsError
+from histodist.optim import global_batch, scaled_lr
 from histodist.remote import ShardError
 
 ERRORS = (
@@ -43,6 +44,17 @@ def setup(cfg: Config) -> loop.Parts:
     return p
 
 
+def log_batch_and_lr(p, step: int) -> None:
+    """State the global batch and the peak lr actually used, so runs at any scale compare."""
+    o, world = p.cfg.optim, p.accelerator.num_processes
+    batch, lr = global_batch(o, world), scaled_lr(o, world)
+    p.log.print(
+        f"global batch {o.batch_size} x {world} processes x {o.accum_steps} accum = {batch}; "
+        f"peak lr {lr:.4g} (--lr {o.lr:g}, --lr-scaling {o.lr_scaling})"
+    )
+    p.log.log({"run/global_batch": batch, "run/peak_lr": lr, "run/world_size": world}, step=step)
+
+
 def run(cfg: Config) -> int:
     """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
     p = setup(cfg)
@@ -53,6 +65,7 @@ def run(cfg: Config) -> int:
         f"precision {acc.mixed_precision}, {len(p.train_loader)} batches of "
         f"{p.cfg.optim.batch_size} per process per epoch"
     )
+    log_batch_and_lr(p, st.step)
     p.preempt.install()
     try:
         reason = fit(p, st)

@@ -65,3 +65,13 @@ def test_scheduler_steps_every_group_from_its_own_peak():
     lrs = sorted({round(g["lr"], 6) for g in opt.param_groups})
     half = 0.5 * (1 + math.cos(math.pi * 0.5))
     assert lrs == [pytest.approx(0.1 * half), pytest.approx(half)]
+
+
+def test_linear_lr_scaling_follows_the_global_batch():
+    from histodist.config import OptimConfig
+    from histodist.optim import global_batch, scaled_lr
+
+    cfg = OptimConfig(lr=1e-3, batch_size=64, accum_steps=2, lr_scaling="linear")
+    assert global_batch(cfg, 4) == 512
+    assert scaled_lr(cfg, 4) == pytest.approx(1e-3 * 512 / 256)
+    assert scaled_lr(OptimConfig(lr=1e-3, batch_size=64, accum_steps=2), 4) == 1e-3
