@@ -11,9 +11,9 @@ interleaved (a b c a b c ...), so that other load on a shared machine hits them 
 is the median over windows. Per configuration: time per step spent waiting for the next batch
 vs the rest (and, for (b), in augmentation), peak RSS of the main process and of each worker,
 peak device memory.
-Time to accuracy: (b) and (c) trained from the same initial weights until the AUC on a fixed
-validation subset (evaluated every --eval-every steps, clock paused) first reaches --target-auc,
-or --tta-budget-s of training time runs out.
+Time to accuracy: (b) and (c) trained in lockstep from the same initial weights until the AUC
+on a fixed validation subset (evaluated every --eval-every steps, clock paused) first reaches
+--target-auc, or --tta-budget-s of training time runs out.
 Figures, not tests: they depend on the machine and on what else runs on it.
 """
 
@@ -285,29 +285,42 @@ def valid_auc(model: nn.Module, valid, transform, device, bf16: bool, batch: int
     return round(classification_metrics(torch.cat(probs), y)["auc"], 4)
 
 
-def race(step: Step, evaluate: Callable[[], float], args, device) -> dict:
-    """Train until evaluate() >= target or the training-time budget is spent (then evaluate
-    once more). The clock runs during steps only (including the loader's start-up in the
-    first one), not during evaluation."""
-    trained, steps, curve, reached = 0.0, 0, [], None
-    while trained < args.tta_budget_s:
+class Race:
+    """One pipeline trained until evaluate() >= target or the training-time budget is spent
+    (then evaluated once more). Its clock runs during its own steps only (including the
+    loader's start-up in the first one), not during evaluation. `advance()` does one step, so
+    two races can run in lockstep and a change of load on a shared machine hits both alike."""
+
+    def __init__(self, step: Step, evaluate: Callable[[], float], args, device):
+        self.step, self.evaluate, self.args, self.device = step, evaluate, args, device
+        self.trained, self.steps, self.curve, self.reached = 0.0, 0, [], None
+
+    @property
+    def running(self) -> bool:
+        return self.reached is None and self.trained < self.args.tta_budget_s
+
+    def advance(self) -> None:
         t0 = time.perf_counter()
-        step()
-        sync(device)
-        trained += time.perf_counter() - t0
-        steps += 1
-        if steps % args.eval_every == 0:
-            auc = evaluate()
-            curve.append({"step": steps, "train_s": round(trained, 2), "auc": auc})
-            if auc >= args.target_auc:
-                reached = round(trained, 2)
-                break
-    if not curve or curve[-1]["step"] != steps:  # budget spent between validations
-        curve.append({"step": steps, "train_s": round(trained, 2), "auc": evaluate()})
-    aucs = [c["auc"] for c in curve]
-    return {"seconds_to_target": reached, "steps": steps, "train_s": round(trained, 2),
-            "best_auc": max(aucs, default=None), "last_auc": aucs[-1] if aucs else None,
-            "curve": curve}  # fmt: skip
+        self.step()
+        sync(self.device)
+        self.trained += time.perf_counter() - t0
+        self.steps += 1
+        if self.steps % self.args.eval_every == 0:
+            self._validate()
+            if self.curve[-1]["auc"] >= self.args.target_auc:
+                self.reached = round(self.trained, 2)
+
+    def _validate(self) -> None:
+        auc = self.evaluate()
+        self.curve.append({"step": self.steps, "train_s": round(self.trained, 2), "auc": auc})
+
+    def result(self) -> dict:
+        if not self.curve or self.curve[-1]["step"] != self.steps:  # budget ran out between
+            self._validate()
+        aucs = [c["auc"] for c in self.curve]
+        return {"seconds_to_target": self.reached, "steps": self.steps,
+                "train_s": round(self.trained, 2), "best_auc": max(aucs), "last_auc": aucs[-1],
+                "curve": self.curve}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- suite
@@ -376,26 +389,32 @@ def time_split(res: dict) -> dict:
 
 
 def time_to_accuracy(args, runs_dir: str) -> dict:
-    """(b) and (c) from the same initial weights, same validation subset and evaluation."""
+    """(b) and (c) from the same initial weights, same validation subset and evaluation,
+    trained in lockstep (one step of each in turn)."""
     p = histodist_parts(args, runs_dir, "tta")
     device, bf16 = p.accelerator.device, args.precision == "bf16"
     valid = valid_subset(Path(args.data) / "valid", args.valid_images, args.seed)
     net = p.accelerator.unwrap_model(p.model)
-    source = batches(p.train_loader)
-    b_res = race(histodist_step(p, source, args.seed),
-                 lambda: valid_auc(net, valid, p.eval_transform, device, bf16, args.batch_size),
-                 args, device)  # fmt: skip
-    source.close()
     b = baseline_parts(args, p.cfg, device)
-    source = batches(b.loader)
-    c_res = race(baseline_step(b, source),
-                 lambda: valid_auc(b.model, valid, p.eval_transform, device, bf16, args.batch_size),
-                 args, device)  # fmt: skip
-    source.close()
-    tb, tc = b_res["seconds_to_target"], c_res["seconds_to_target"]
+    sources = [batches(p.train_loader), batches(b.loader)]
+    races = {
+        "histodist": Race(histodist_step(p, sources[0], args.seed),
+                          lambda: valid_auc(net, valid, p.eval_transform, device, bf16,
+                                            args.batch_size), args, device),
+        "baseline": Race(baseline_step(b, sources[1]),
+                         lambda: valid_auc(b.model, valid, p.eval_transform, device, bf16,
+                                           args.batch_size), args, device),
+    }  # fmt: skip
+    while any(r.running for r in races.values()):
+        for r in races.values():
+            if r.running:
+                r.advance()
+    out = {k: r.result() for k, r in races.items()}
+    for source in sources:
+        source.close()
+    tb, tc = out["histodist"]["seconds_to_target"], out["baseline"]["seconds_to_target"]
     return {"target_auc": args.target_auc, "budget_s": args.tta_budget_s,
-            "valid_images": len(valid[1]), "eval_every": args.eval_every,
-            "histodist": b_res, "baseline": c_res,
+            "valid_images": len(valid[1]), "eval_every": args.eval_every, **out,
             "speedup_c_over_b": round(tc / tb, 3) if tb and tc else None}  # fmt: skip
 
 
