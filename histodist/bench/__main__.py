@@ -9,8 +9,13 @@ import sys
 import histodist.bench as bench
 
 
+# Modules of histodist.bench that hold shared helpers, not a suite.
+HELPERS = {"common"}
+
+
 def suites() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    names = (m.name for m in pkgutil.iter_modules(bench.__path__))
+    return sorted(n for n in names if not n.startswith("_") and n not in HELPERS)
 
 
 def main(argv: list[str] | None = None) -> int:
