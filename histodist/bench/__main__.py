@@ -8,7 +8,6 @@ import sys
 
 import histodist.bench as bench
 
-
 # Modules of histodist.bench that hold shared helpers, not a suite.
 HELPERS = {"common"}
 
