@@ -184,24 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
-    from histodist.checkpoint import CheckpointError
-    from histodist.config import ConfigError
-    from histodist.data import DataError
-    from histodist.remote import ShardError
-
-    acc = Accelerator()
-    try:
-        return run_eval(args, acc)
-    except (
-        inference.InputError,
-        CheckpointError,
-        ConfigError,
-        DataError,
-        ShardError,
-        FileNotFoundError,
-    ) as e:
-        print(f"histodist.evaluate: error: {e}", file=sys.stderr)
-        return 1
+    return inference.run_cli("evaluate", run_eval, args, Accelerator())
 
 
 if __name__ == "__main__":

@@ -141,23 +141,7 @@ def run_explain(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from histodist.checkpoint import CheckpointError
-    from histodist.config import ConfigError
-    from histodist.data import DataError
-    from histodist.remote import ShardError
-
-    try:
-        return run_explain(args)
-    except (
-        inference.InputError,
-        CheckpointError,
-        ConfigError,
-        DataError,
-        ShardError,
-        FileNotFoundError,
-    ) as e:
-        print(f"histodist.explain: error: {e}", file=sys.stderr)
-        return 1
+    return inference.run_cli("explain", run_explain, args)
 
 
 if __name__ == "__main__":

@@ -181,13 +181,7 @@ def run_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from histodist.checkpoint import CheckpointError
-
-    try:
-        return run_export(args)
-    except (inference.InputError, CheckpointError, ExportError) as e:
-        print(f"histodist.export: error: {e}", file=sys.stderr)
-        return 1
+    return inference.run_cli("export", run_export, args, extra=(ExportError,))
 
 
 if __name__ == "__main__":

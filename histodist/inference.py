@@ -15,9 +15,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,22 @@ TTA_KS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 class InputError(ValueError):
     """An input path, CSV or run folder that cannot be used; the message names it and the fix."""
+
+
+def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
+    """Run a command's body; bad input (a run, shard, config or file error, or one of `extra`)
+    becomes one line `histodist.<prog>: error: ...` on stderr and exit code 1."""
+    from histodist.checkpoint import CheckpointError
+    from histodist.config import ConfigError
+    from histodist.data import DataError
+    from histodist.remote import ShardError
+
+    user_errors = (InputError, CheckpointError, ConfigError, DataError, ShardError)
+    try:
+        return fn(*args)
+    except (*user_errors, FileNotFoundError, *extra) as e:
+        print(f"histodist.{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 # -- the run --------------------------------------------------------------------------------
