@@ -102,6 +102,8 @@ def export_onnx(model, x: torch.Tensor, path: Path, opset: int) -> torch.Tensor 
     onnxruntime's logits on x, or None when onnxruntime is not installed."""
     import warnings
 
+    if not importlib.util.find_spec("onnx"):
+        raise ExportError("--format onnx needs the onnx package: pip install -e '.[export]'")
     kw = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -64,9 +64,20 @@ def test_export_parity_and_preprocessing(fmt, run_dir, pcam_jpeg, capsys):
 
 
 def test_onnx_without_onnxscript_uses_the_torchscript_exporter(run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
     find_spec = export.importlib.util.find_spec
     monkeypatch.setattr(export.importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))  # fmt: skip
     assert export.main(["--run", str(run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 0
     meta = json.loads((tmp_path / "model.onnx.json").read_text())
     assert meta["parity_max_abs_diff"] < 1e-4
+
+
+def test_onnx_without_onnx_installed_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
+    find_spec = export.importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else find_spec(name, *a))  # fmt: skip
+    assert export.main(["--run", str(run_dir), "--format", "onnx", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install" in err and "onnx" in err
+    assert not list(tmp_path.glob("model.onnx*"))
