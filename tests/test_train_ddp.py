@@ -14,39 +14,23 @@ from trainkit import ROOT, TINY, env, free_port, run, tiny_shards
 pytestmark = pytest.mark.slow
 
 
+def launch_probe(tmp_path, shards, out, run_name: str, *flags: str) -> list[str]:
+    """`accelerate launch` of 2 CPU processes running tests/scripts/train_probe.py."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "tests" / "scripts" / "train_probe.py"), str(out),
+        "--shards", str(shards), "--runs-dir", str(tmp_path / "runs"), "--run-name", run_name,
+        "--wandb", "disabled", *flags, *TINY,
+    ]  # fmt: skip
+
+
 def test_two_processes(tmp_path, pcam_jpeg):
     shards = tiny_shards(tmp_path / "shards", pcam_jpeg)
     out = tmp_path / "probe"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "tests" / "scripts" / "train_probe.py"),
-        str(out),
-        "--shards",
-        str(shards),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--run-name",
-        "ddp",
-        "--wandb",
-        "disabled",
-        "--no-resample",
-        "--epochs",
-        "2",
-        *TINY,
-    ]
+    cmd = launch_probe(tmp_path, shards, out, "ddp", "--no-resample", "--epochs", "2")
     res = run(cmd, timeout=400, ACCELERATE_USE_CPU="true")
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -69,35 +53,7 @@ def test_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, pcam_jp
     """SIGUSR1 to rank 1 only: the ranks agree through an all-reduce, save and exit 0."""
     shards = tiny_shards(tmp_path / "shards", pcam_jpeg)
     out = tmp_path / "probe"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "tests" / "scripts" / "train_probe.py"),
-        str(out),
-        "--shards",
-        str(shards),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--run-name",
-        "sig",
-        "--wandb",
-        "disabled",
-        "--epochs",
-        "50",
-        *TINY,
-    ]
+    cmd = launch_probe(tmp_path, shards, out, "sig", "--epochs", "50")
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
