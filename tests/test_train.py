@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import TINY, env, run, tiny_shards, train_cmd
+from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
 from histodist.checkpoint import load_run_model, read_meta
@@ -26,15 +26,7 @@ def run_a(shards, tmp_path_factory):
     """An uninterrupted 2-epoch run with W&B offline."""
     runs, wb = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("wandb")
     args = [
-        "--shards",
-        str(shards),
-        "--runs-dir",
-        str(runs),
-        "--run-name",
-        "a",
-        "--wandb",
-        "offline",
-        *TINY,
+        *run_flags(shards, runs, "a", "offline"),
         *EPOCHS,
     ]
     res = run(train_cmd(*args), wandb_dir=wb)
@@ -77,15 +69,7 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
 def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
     run_dir_a = run_a[0]
     args = [
-        "--shards",
-        str(shards),
-        "--runs-dir",
-        str(tmp_path),
-        "--run-name",
-        "b",
-        "--wandb",
-        "disabled",
-        *TINY,
+        *run_flags(shards, tmp_path, "b"),
         *EPOCHS,
     ]
     proc = subprocess.Popen(
@@ -173,15 +157,7 @@ def test_training_options_together(shards, tmp_path, capsys):
     """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
     validation and checkpoints, early stopping: one short run through the real loop."""
     args = [
-        "--shards",
-        str(shards),
-        "--runs-dir",
-        str(tmp_path),
-        "--run-name",
-        "opts",
-        "--wandb",
-        "disabled",
-        *TINY,
+        *run_flags(shards, tmp_path, "opts"),
         "--epochs",
         "2",
         "--accum-steps",

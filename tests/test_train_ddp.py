@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from trainkit import ROOT, TINY, env, free_port, run, tiny_shards
+from trainkit import ROOT, env, free_port, run, run_flags, tiny_shards
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ def launch_probe(tmp_path, shards, out, run_name: str, *flags: str) -> list[str]
         "--main_process_port", str(free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "tests" / "scripts" / "train_probe.py"), str(out),
-        "--shards", str(shards), "--runs-dir", str(tmp_path / "runs"), "--run-name", run_name,
-        "--wandb", "disabled", *flags, *TINY,
+        *run_flags(shards, tmp_path / "runs", run_name), *flags,
     ]  # fmt: skip
 
 

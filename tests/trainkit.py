@@ -32,6 +32,12 @@ TINY = [
 ]
 
 
+def run_flags(shards, runs_dir, name: str, wandb: str = "disabled") -> list[str]:
+    """Flags of a tiny test run: its shards, run folder and W&B mode, then TINY."""
+    return ["--shards", str(shards), "--runs-dir", str(runs_dir), "--run-name", name,
+            "--wandb", wandb, *TINY]  # fmt: skip
+
+
 def tiny_shards(
     out: Path, pcam_jpeg: Path, *, train_per_class: int = 32, valid_per_class: int = 20
 ) -> Path:
