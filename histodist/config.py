@@ -195,9 +195,16 @@ class TrainConfig:
     keep_last: int = opt(2, "full training states kept: last plus older step-* folders")
     patience: int = opt(0, "early stopping: validations without improvement (0 = off)")
     max_bad_steps: int = opt(5, "stop after this many consecutive NaN/inf losses")
+    threads: int = opt(
+        0,
+        "CPU threads per process for the model's compute; 0 = auto: on a CPU-only run the "
+        "usable cores / local processes (accelerate launch's default is 1 thread)",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.threads < 0:
+            raise ConfigError(f"--threads {self.threads}: must be >= 0")
         if self.epochs <= 0:
             raise ConfigError(f"--epochs {self.epochs}: must be > 0")
         if self.keep_last < 1:

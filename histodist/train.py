@@ -14,7 +14,7 @@ from histodist.augment import AugmentError
 from histodist.checkpoint import CheckpointError
 from histodist.config import Config, ConfigError, parse_args
 from histodist.data import DataError, load_manifest
-from histodist.distributed import set_determinism
+from histodist.distributed import set_cpu_threads, set_determinism
 from histodist.models import WeightsError
 from histodist.optim import global_batch, scaled_lr
 from histodist.remote import ShardError
@@ -60,9 +60,10 @@ def run(cfg: Config) -> int:
     p = setup(cfg)
     st = build.resume_state(p)
     acc = p.accelerator
+    threads = set_cpu_threads(p.cfg.train.threads, acc.device)
     p.log.print(
-        f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on {acc.device}, "
-        f"precision {acc.mixed_precision}, {len(p.train_loader)} batches of "
+        f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on {acc.device}"
+        f" ({threads} threads), precision {acc.mixed_precision}, {len(p.train_loader)} batches of "
         f"{p.cfg.optim.batch_size} per process per epoch"
     )
     log_batch_and_lr(p, st.step)

@@ -75,3 +75,24 @@ def test_linear_lr_scaling_follows_the_global_batch():
     assert global_batch(cfg, 4) == 512
     assert scaled_lr(cfg, 4) == pytest.approx(1e-3 * 512 / 256)
     assert scaled_lr(OptimConfig(lr=1e-3, batch_size=64, accum_steps=2), 4) == 1e-3
+
+
+def test_cpu_threads_auto_shares_the_usable_cores_between_local_processes(monkeypatch):
+    import os
+
+    import torch
+
+    from histodist.distributed import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_cpu_threads(0, torch.device("cpu")) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert set_cpu_threads(0, torch.device("cpu")) == 1
+        assert set_cpu_threads(3, torch.device("cpu")) == 3 == torch.get_num_threads()
+        torch.set_num_threads(1)  # GPU runs: auto leaves torch's setting alone
+        assert set_cpu_threads(0, torch.device("cuda")) == 1
+    finally:
+        torch.set_num_threads(before)
