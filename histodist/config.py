@@ -54,7 +54,11 @@ class DataConfig:
     valid_split: str = opt("valid", "split to validate on every epoch")
     workers: int = opt(4, "data-loading worker processes per rank (decode only)")
     shuffle_buffer: int = opt(2000, "samples in the streaming shuffle buffer")
-    resample: bool = opt(True, "draw training shards with replacement (seeded by epoch and rank)")
+    resample: bool = opt(
+        False,
+        "draw training shards with replacement (seeded by epoch and rank) instead of exact "
+        "epochs over each worker's share; only for sets of many more shards than workers",
+    )
     skip_bad_shards: bool = opt(False, "skip unreadable shards instead of failing")
     cache_dir: str | None = opt(None, "local cache folder for remote shards")
     class_balance: str = opt(

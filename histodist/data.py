@@ -289,7 +289,7 @@ class RankStream(IterableDataset):
         steps: int | None,
         seed: int = 0,
         shuffle_buffer: int = 0,
-        resample: bool = True,
+        resample: bool = False,
         image_size: tuple[int, int] | None = None,
         skip_bad_shards: bool = False,
         cache_dir: str | None = None,
@@ -433,7 +433,7 @@ def train_loader(
     seed: int = 0,
     workers: int = 4,
     shuffle_buffer: int = 2000,
-    resample: bool = True,
+    resample: bool = False,
     image_size: tuple[int, int] | None = None,
     skip_bad_shards: bool = False,
     prefetch_factor: int = 2,
@@ -442,13 +442,14 @@ def train_loader(
 ) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
 
-    resample=True (default): each worker draws its rank's shards with replacement, seeded by
-    (seed, epoch, rank, worker). resample=False: each worker walks shuffled passes over its
-    own share of the rank's shards (one shuffle buffer per pass); when the shards divide evenly
+    resample=False (default): each worker walks shuffled passes over its own share of the
+    rank's shards (one shuffle buffer per pass); when the shards divide evenly
     over ranks x workers and the batch size divides a worker's share, every sample is read
     exactly once per epoch. Otherwise a worker may start a second pass (repeating some samples)
     or stop before the end of its pass (skipping some) this epoch: the step count is fixed so
-    that DDP never waits on a rank that ran out of data.
+    that DDP never waits on a rank that ran out of data. resample=True: each worker draws its
+    rank's shards with replacement, seeded by (seed, epoch, rank, worker), as webdataset's
+    ResampledShards; only for sets of many shards: with 8 shards an epoch reads ~2/3 of them.
     """
     manifest = load_manifest(shards)
     urls = split_shards(manifest, split, shards)
@@ -519,7 +520,7 @@ def from_urls(
     seed: int = 0,
     workers: int = 4,
     shuffle_buffer: int = 2000,
-    resample: bool = True,
+    resample: bool = False,
     image_size: tuple[int, int] | None = None,
     skip_bad_shards: bool = False,
     prefetch_factor: int = 2,
