@@ -104,12 +104,15 @@ def _shard_rows(sh: dict, add) -> None:
 
 
 def _loader_rows(ld: dict, add) -> None:
-    a, b, c = (ld[k]["images_per_s"] for k in
-               ("a_shards_uint8", "b_shards_uint8_augment_cpu", "c_imagefolder_pil"))  # fmt: skip
+    a, b, b2, c = (ld[k]["images_per_s"] for k in
+                   ("a_shards_uint8", "b_shards_uint8_augment_cpu",
+                    "b2_shards_flips_normalize_cpu", "c_imagefolder_pil"))  # fmt: skip
     add("loader", "images/s, shards -> uint8 batches", a)
-    add("loader", "images/s, shards -> batches + augmentation (CPU)", b)
-    add("loader", "images/s, ImageFolder + PIL transforms baseline", c)
-    add("loader", "shards / baseline (without, with augmentation)", f"{a / c:.2f}, {b / c:.2f}")
+    add("loader", "images/s, shards -> batches + preset augmentation (CPU)", b)
+    add("loader", "images/s, shards -> batches + flips + normalise (CPU)", b2)
+    add("loader", "images/s, ImageFolder + PIL flips + normalise baseline", c)
+    add("loader", "shards / baseline: uint8, flips (like for like), preset",
+        f"{a / c:.2f}, {b2 / c:.2f}, {b / c:.2f}")  # fmt: skip
 
 
 def _train_rows(tr: dict, add) -> None:
