@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from histodist import inference, report
+from histodist.distributed import set_cpu_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def _predict(acc, run: inference.Run, args, shards: str | None, split: str | Non
     """Gathered Predictions of this run over a shard split or args.input (all ranks)."""
     bs = args.batch_size or run.cfg.optim.batch_size
     rank, world = acc.process_index, acc.num_processes
+    set_cpu_threads(0, acc.device)  # not accelerate launch's 1 thread on CPU-only machines
     if shards is None:
         items = inference.list_inputs(args.input, run.classes, image_dir=args.images)
         batches = inference.file_batches(run, items, batch_size=bs, rank=rank, world_size=world,
