@@ -46,7 +46,6 @@ def _predict(acc, run: inference.Run, args, shards: str | None, split: str | Non
     """Gathered Predictions of this run over a shard split or args.input (all ranks)."""
     bs = args.batch_size or run.cfg.optim.batch_size
     rank, world = acc.process_index, acc.num_processes
-    set_cpu_threads(0, acc.device)  # not accelerate launch's 1 thread on CPU-only machines
     if shards is None:
         items = inference.list_inputs(args.input, run.classes, image_dir=args.images)
         batches = inference.file_batches(run, items, batch_size=bs, rank=rank, world_size=world,
@@ -142,6 +141,7 @@ def _check_count(metrics: dict, shards: str, split: str) -> None:
 
 
 def run_eval(args, acc) -> int:
+    set_cpu_threads(0, acc.device)  # not accelerate launch's 1 thread on CPU-only machines
     run = inference.load_run(args.run, args.checkpoint)
     shards, split, name = _source(args, run)
     threshold, chosen_on = youden_from_valid(acc, run, args, shards, split)
