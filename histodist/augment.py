@@ -132,9 +132,9 @@ def random_affine(
     cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
     a = torch.stack([cos, -sin + cos * tan, tx, sin, cos + sin * tan, ty], 1).view(b, 2, 3)
     a[:, :, :2] /= zoom.view(b, 1, 1)
-    if bool(on.all()):
+    if p >= 1.0:  # every sample drawn; decided from p, so no device-to-host sync here
         return _sample_grid(x, a)
-    idx = on.nonzero().squeeze(1)  # resample only the samples drawn (p < 1): the rest stay exact
+    idx = on.nonzero().squeeze(1)  # resample only the samples drawn: the rest stay exact
     return x.index_copy(0, idx, _sample_grid(x[idx], a[idx])) if idx.numel() else x
 
 
