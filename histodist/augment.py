@@ -12,6 +12,7 @@ maps uint8 batches to normalised float32 batches of the model's input size.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,20 +86,25 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     return y.flip(-1) if k >= 4 else y
 
 
+@functools.lru_cache(maxsize=16)
+def _dihedral_index(h: int, w: int, device: torch.device) -> Tensor:
+    """(8, h*w) int64: row k lists, for each output pixel, the input pixel that
+    dihedral(., k) moves there (odd rows only meaningful when h == w). Built on the device."""
+    probe = torch.arange(h * w, device=device).view(h, w)
+    return torch.stack([dihedral(probe, k).reshape(-1) for k in range(8)])
+
+
 def random_dihedral(x: Tensor, gen: torch.Generator) -> Tensor:
     """Per sample a uniform element of the dihedral group (tissue has no orientation); for
     non-square images only the four that keep the shape (identity, flips, 180 degrees).
-    One pass per group element present (at most 8), not per sample."""
-    b = x.shape[0]
-    k = torch.randint(0, 8, (b,), generator=gen, device=gen.device)
-    if x.shape[-1] != x.shape[-2]:
+    One batched gather of pixel indices: no host sync on a GPU, the input's layout kept."""
+    b, c, h, w = x.shape
+    k = torch.randint(0, 8, (b,), generator=gen, device=gen.device).to(x.device)
+    if h != w:
         k = k - k % 2  # 0, 2, 4, 6: no 90-degree turn
-    out = torch.empty_like(x)
-    for e in range(8):
-        idx = (k == e).nonzero().squeeze(1)
-        if idx.numel():
-            out[idx] = dihedral(x[idx], e)
-    return out
+    idx = _dihedral_index(h, w, x.device)[k].unsqueeze(1).expand(b, c, h * w)
+    y = x.reshape(b, c, h * w).gather(2, idx).view(b, c, h, w)
+    return y if x.is_contiguous() else torch.empty_like(x).copy_(y)
 
 
 def _sample_grid(x: Tensor, theta: Tensor, size: tuple[int, int] | None = None) -> Tensor:

@@ -75,6 +75,23 @@ def test_dihedral_group_laws(batch):
         assert any(torch.equal(y[i], im[i % 2]) for im in images)
 
 
+def test_random_dihedral_applies_the_drawn_element_per_sample(batch):
+    # the element drawn for sample i (the op's first draw) is exactly dihedral(x_i, k_i),
+    # in the input's memory layout; non-square images only get the four shape-keeping ones
+    for x in (
+        batch,
+        batch.contiguous(memory_format=torch.channels_last),
+        batch[..., :80].contiguous(),
+    ):
+        k = torch.randint(0, 8, (x.shape[0],), generator=gen(5))
+        if x.shape[-1] != x.shape[-2]:
+            k = k - k % 2
+        y = A.random_dihedral(x, gen(5))
+        assert y.stride() == x.stride()
+        for i in range(x.shape[0]):
+            assert torch.equal(y[i], A.dihedral(x[i : i + 1], int(k[i]))[0])
+
+
 def test_identity_parameters_leave_images_unchanged(batch):
     x = A.to_float(batch)
     assert torch.allclose(A.random_affine(x, gen(), rotate=0.0, scale=0.0), x, atol=1e-5)
