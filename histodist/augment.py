@@ -391,10 +391,12 @@ def load_spec(spec: str | Sequence[dict]) -> list[dict]:
 class Augment:
     """(x uint8 (B,C,H,W) on a device, torch.Generator on that device) -> float32
     (B,C,out,out) normalised with mean/std. Ops run in spec order at the input size; the
-    result is resized to out_size at the end (random_resized_crop outputs it directly)."""
+    result is resized to out_size at the end (random_resized_crop outputs it directly).
+    crop < 1: the central crop keeping that fraction of each side comes first, as in
+    eval_transform."""
 
-    def __init__(self, ops: list[dict], *, out_size: int, mean, std):
-        self.ops, self.out_size = load_spec(ops), out_size
+    def __init__(self, ops: list[dict], *, out_size: int, mean, std, crop: float = 1.0):
+        self.ops, self.out_size, self.crop = load_spec(ops), out_size, crop
         self.mean, self.std = tuple(mean), tuple(std)
         for s in self.ops:  # fail at build time, not at the first batch
             params = {k: v for k, v in s.items() if k != "op"}
@@ -406,7 +408,8 @@ class Augment:
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
         # NCHW: on the CPU the per-pixel ops below run 1.5-2x slower on channels_last batches
         # (measured, 128x3x96x96); the training loop restores channels_last for the model.
-        x, ops = x.contiguous(), self.ops
+        x, ops = x if self.crop == 1.0 else centre_crop(x, self.crop), self.ops
+        x = x.contiguous()
         # A leading dihedral only permutes pixels: exact on uint8, a quarter of float32's bytes.
         while ops and ops[0]["op"] == "dihedral":
             x, ops = random_dihedral(x, gen), ops[1:]
@@ -422,9 +425,9 @@ class Augment:
         return f"Augment({self.ops}, out_size={self.out_size})"
 
 
-def build(spec: str | list[dict], *, out_size: int, mean, std) -> Augment:
+def build(spec: str | list[dict], *, out_size: int, mean, std, crop: float = 1.0) -> Augment:
     """Augment from a preset name, a YAML file or a list of {"op": name, **params}."""
-    return Augment(load_spec(spec), out_size=out_size, mean=mean, std=std)
+    return Augment(load_spec(spec), out_size=out_size, mean=mean, std=std, crop=crop)
 
 
 def eval_transform(*, out_size: int, mean, std, crop: float = 1.0) -> Callable[[Tensor], Tensor]:

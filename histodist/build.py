@@ -123,7 +123,7 @@ def class_weights(manifest: dict, split: str, n: int) -> torch.Tensor:
 
 def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> Parts:
     """Model, optimizer, schedule, augmentation, loss and loaders, prepared by Accelerate."""
-    n_cls, size = cfg.data.num_classes, cfg.data.image_size
+    n_cls, size, crop = cfg.data.num_classes, cfg.data.image_size, cfg.augment.crop
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model, num_classes=n_cls, image_size=size)
     mean, std = _norm(cfg, manifest, model)
@@ -163,8 +163,8 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
         forward=torch.compile(model) if cfg.model.compile else model,
         optimizer=optimizer,
         scheduler=scheduler,
-        augment=aug.build(cfg.augment.augment, out_size=size, mean=mean, std=std),
-        eval_transform=aug.eval_transform(out_size=size, mean=mean, std=std),
+        augment=aug.build(cfg.augment.augment, out_size=size, mean=mean, std=std, crop=crop),
+        eval_transform=aug.eval_transform(out_size=size, mean=mean, std=std, crop=crop),
         criterion=criterion,
         train_loader=train_dl,
         valid_loader=valid_dl,

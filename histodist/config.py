@@ -91,9 +91,16 @@ class AugmentConfig:
         "the model's pretraining mean/std",
         choices=("manifest", "model"),
     )
+    crop: float = opt(
+        1.0,
+        "centre crop keeping this fraction of each side, before resizing to the input size, "
+        "in training and in every evaluation (1.0 = none)",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if not 0.0 < self.crop <= 1.0:
+            raise ConfigError(f"--crop {self.crop}: must be in (0, 1]")
         presets = ("pcam", "idc", "breakhis", "ham10000", "none")
         if self.augment not in presets and not self.augment.endswith((".yaml", ".yml", ".json")):
             raise ConfigError(

@@ -75,15 +75,18 @@ def select(results, n: int, mode: str, seed: int = 0) -> dict:
 
 
 def heatmaps(run: inference.Run, picked: dict, target: str, device) -> torch.Tensor:
-    """Grad-CAM (N, H, W) in [0, 1] at the images' own size."""
-    from histodist.augment import eval_transform
+    """Grad-CAM (N, H, W) in [0, 1] at the images' own size; with a centre-cropped run the
+    map covers the crop the model saw and is 0 outside it."""
+    from histodist.augment import centre_crop
 
-    tf = eval_transform(out_size=run.image_size, mean=run.mean, std=run.std)
-    x = tf(picked["image"].to(device))
+    x = run.transform()(picked["image"].to(device))
     cls = picked["label"].to(device) if target == "true" else picked["probs"].argmax(1).to(device)
     cam, _ = gradcam(run.model.to(device).eval(), x, cls.clamp_min(0))
-    size = picked["image"].shape[-2:]
-    return torch.nn.functional.interpolate(cam[:, None], size=size, mode="bilinear")[:, 0].cpu()
+    full = torch.zeros(cam.shape[0], *picked["image"].shape[-2:], device=cam.device)
+    seen = centre_crop(full, run.crop)  # a view: the crop's place in the full image
+    seen.copy_(torch.nn.functional.interpolate(cam[:, None], size=seen.shape[-2:],
+                                               mode="bilinear")[:, 0])  # fmt: skip
+    return full.cpu()
 
 
 def plot_grid(picked: dict, cams: torch.Tensor, classes: list[str], path: Path, title: str):

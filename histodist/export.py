@@ -45,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parity_batch(run: inference.Run, n: int) -> torch.Tensor:
     """Normalised float32 (n, 3, S, S): real images of the valid split when readable, else
     seeded random pixels (the check is about the graph, not the data)."""
-    from histodist.augment import eval_transform
-
     try:
         batches = inference.shard_batches(run, run.cfg.data.shards, run.cfg.data.valid_split,
                                           batch_size=n, workers=0)  # fmt: skip
@@ -54,7 +52,7 @@ def parity_batch(run: inference.Run, n: int) -> torch.Tensor:
     except Exception:  # shards moved or absent: any pixels exercise the same graph
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (n, 3, *run.load_size), dtype=torch.uint8, generator=gen)
-    return eval_transform(out_size=run.image_size, mean=run.mean, std=run.std)(images)
+    return run.transform()(images)
 
 
 def _tmp(path: Path) -> Path:
@@ -139,9 +137,11 @@ def preprocess_json(run: inference.Run, fmt: str, file: str, diff: float | None)
             "layout": "NCHW",
             "channels": "RGB",
         },  # fmt: skip
-        "preprocess": f"RGB uint8 -> /255 -> resize to {s}x{s} (bilinear, antialias) -> "
-        "(x - mean) / std per channel",
+        "preprocess": "RGB uint8 -> /255 -> "
+        + (f"centre crop keeping {run.crop:g} of each side -> " if run.crop < 1.0 else "")
+        + f"resize to {s}x{s} (bilinear, antialias) -> (x - mean) / std per channel",
         "image_size": s,
+        "crop": run.crop,
         "mean": list(run.mean),
         "std": list(run.std),
         "classes": run.classes,

@@ -69,6 +69,18 @@ class Run:
     std: tuple[float, ...]
 
     @property
+    def crop(self) -> float:
+        """Centre-crop fraction the run trained and validated with (1.0: none)."""
+        return float(self.cfg.augment.crop)
+
+    def transform(self):
+        """uint8 (B,C,H,W) -> the model's normalised input, exactly as in validation."""
+        from histodist.augment import eval_transform
+
+        return eval_transform(out_size=self.image_size, mean=self.mean, std=self.std,
+                              crop=self.crop)  # fmt: skip
+
+    @property
     def load_size(self) -> tuple[int, int]:
         """Size images are decoded to so they batch: the shards' common size, else the input."""
         img = self.manifest.get("image") or {}
@@ -147,9 +159,7 @@ def iter_predictions(
     """
     from tqdm.auto import tqdm
 
-    from histodist.augment import eval_transform
-
-    transform = eval_transform(out_size=run.image_size, mean=run.mean, std=run.std)
+    transform = run.transform()
     model = run.model.to(device).eval()
     for batch in tqdm(batches, total=total, disable=not progress, unit="batch", leave=False):
         x = transform(batch["image"].to(device, non_blocking=True))

@@ -19,7 +19,9 @@ import torch
 IMAGE_SIZE = 32
 
 
-def make_run(run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0) -> Path:
+def make_run(
+    run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0, crop: float = 1.0
+) -> Path:
     from histodist.augment import eval_transform
     from histodist.checkpoint import save_weights
     from histodist.config import from_dict, save_config
@@ -31,6 +33,7 @@ def make_run(run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0) -> 
         return run_dir  # shared by the test modules of one session
     cfg = from_dict({
         "data": {"shards": str(shards), "image_size": IMAGE_SIZE, "workers": 0},
+        "augment": {"crop": crop},
         "model": {"model": "small-cnn"},
         "optim": {"batch_size": 16},
         "log": {"wandb": "disabled"},
@@ -38,7 +41,8 @@ def make_run(run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0) -> 
     manifest = json.loads((shards / "manifest.json").read_text())
     torch.manual_seed(seed)
     model = build_model(cfg.model, num_classes=2, image_size=IMAGE_SIZE)
-    tf = eval_transform(out_size=IMAGE_SIZE, mean=manifest["mean"], std=manifest["std"])
+    tf = eval_transform(out_size=IMAGE_SIZE, mean=manifest["mean"], std=manifest["std"],
+                        crop=crop)  # fmt: skip
     batches = list(eval_loader(str(shards), "train", batch_size=16, rank=0, world_size=1,
                                workers=0))  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -92,6 +92,18 @@ def test_random_dihedral_applies_the_drawn_element_per_sample(batch):
             assert torch.equal(y[i], A.dihedral(x[i : i + 1], int(k[i]))[0])
 
 
+def test_crop_is_the_same_centre_crop_in_training_and_evaluation(batch):
+    # no random ops: the training pipeline and the evaluation transform agree exactly, and
+    # both see the central 48 x 48 of the 96 x 96 patch, resized to the input size
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    train = A.build("none", out_size=64, mean=mean, std=std, crop=0.5)(batch, gen())
+    evaluate = A.eval_transform(out_size=64, mean=mean, std=std, crop=0.5)(batch)
+    assert torch.equal(train, evaluate)
+    centre = A.eval_transform(out_size=64, mean=mean, std=std)(batch[..., 24:72, 24:72])
+    assert torch.equal(evaluate, centre)
+    assert not torch.allclose(evaluate, A.eval_transform(out_size=64, mean=mean, std=std)(batch))
+
+
 def test_identity_parameters_leave_images_unchanged(batch):
     x = A.to_float(batch)
     assert torch.allclose(A.random_affine(x, gen(), rotate=0.0, scale=0.0), x, atol=1e-5)

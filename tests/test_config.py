@@ -58,6 +58,9 @@ def test_validation_names_the_flag():
         parse_args(["--ema", "1.5"])
     with pytest.raises(ConfigError, match="--augment"):
         parse_args(["--augment", "nonsense"])
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="--crop"):
+            parse_args(["--crop", bad])
     with pytest.raises(SystemExit):
         parse_args(["--optimizer", "lamb"])  # argparse choices
 

@@ -1,5 +1,6 @@
 """Grad-CAM finds a planted signal; histodist.explain writes the grid."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -76,3 +77,26 @@ def test_explain_selects_the_largest_losses():
     assert picked["key"] == ["a", "c"]  # losses -log 0.1, -log 0.6 are the two largest
     again = explain.select(iter(batches[::-1]), 3, "random", seed=1)
     assert sorted(again["key"]) == sorted(explain.select(iter(batches), 3, "random", 1)["key"])
+
+
+def test_heatmaps_of_a_centre_cropped_run_cover_only_the_crop(pcam_jpeg, tmp_path_factory):
+    from runkit import make_run
+
+    from histodist import inference
+
+    _, shards = tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())
+    run = inference.load_run(make_run(tmp_path_factory.mktemp("cropped") / "run", shards,
+                                      crop=0.5))  # fmt: skip
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1)
+            for p in sorted(pcam_jpeg.glob("valid/1/*.jpg"))[:4]
+        ]
+    )
+    picked = {"image": images, "label": torch.ones(4, dtype=torch.long),
+              "probs": torch.full((4, 2), 0.5)}  # fmt: skip
+    cams = explain.heatmaps(run, picked, "true", "cpu")
+    assert cams.shape == (4, 96, 96)
+    inside = torch.zeros(96, 96, dtype=torch.bool)
+    inside[24:72, 24:72] = True
+    assert (cams[:, ~inside] == 0).all() and (cams[:, inside] > 0).any()

@@ -21,6 +21,9 @@ def _preprocess(paths, meta):
     """What a serving client does with only the JSON: RGB -> [0, 1] -> resize -> normalise."""
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255)
                      .permute(2, 0, 1) for p in paths])  # fmt: skip
+    h, w = x.shape[-2:]
+    ch, cw = round(h * meta["crop"]), round(w * meta["crop"])
+    x = x[..., (h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
     s = meta["image_size"]
     x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
     mean, std = (
@@ -81,3 +84,25 @@ def test_onnx_without_onnx_installed_is_a_one_line_error(run_dir, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install" in err and "onnx" in err
     assert not list(tmp_path.glob("model.onnx*"))
+
+
+def test_a_centre_cropped_run_exports_its_crop(pcam_jpeg, tmp_path_factory):
+    # trained on the centre half of each patch: the JSON says so, and a client that follows
+    # it gets inference's probabilities (which differ from those without the crop)
+    _, shards = tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())
+    from runkit import make_run
+
+    run_dir = make_run(tmp_path_factory.mktemp("cropped") / "run", shards, crop=0.5)
+    assert export.main(["--run", str(run_dir), "--format", "torchscript", "--batch", "4"]) == 0
+    path = run_dir / "export" / "model.pt"
+    meta = json.loads(path.with_name("model.pt.json").read_text())
+    assert meta["crop"] == 0.5 and "centre crop keeping 0.5" in meta["preprocess"]
+    paths = [p for p, _ in pcam_images(pcam_jpeg, "valid", 3)][:5]
+    run = inference.load_run(run_dir)
+    items = inference.list_inputs([str(p) for p in paths], run.classes)
+    loader = inference.file_batches(run, items, batch_size=8, workers=0)
+    want = inference.collect(inference.iter_predictions(run, loader), 2).probs
+    logits = torch.jit.load(str(path))(_preprocess(paths, meta))
+    assert logits.softmax(1).detach().numpy() == pytest.approx(want, abs=1e-4)
+    uncropped = torch.jit.load(str(path))(_preprocess(paths, {**meta, "crop": 1.0}))
+    assert not np.allclose(uncropped.softmax(1).detach().numpy(), want, atol=1e-3)

@@ -12,6 +12,7 @@ from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
 from histodist.checkpoint import load_run_model, read_meta
+from histodist.config import load_config
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
 
@@ -155,7 +156,8 @@ def test_accelerate_config_is_a_multi_gpu_bf16_config():
 
 def test_training_options_together(shards, tmp_path, capsys):
     """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
-    validation and checkpoints, early stopping: one short run through the real loop."""
+    validation and checkpoints, early stopping, a centre crop: one short run through the
+    real loop."""
     args = [
         *run_flags(shards, tmp_path, "opts"),
         "--epochs",
@@ -182,6 +184,8 @@ def test_training_options_together(shards, tmp_path, capsys):
         "2",
         "--keep-last",
         "3",
+        "--crop",
+        "0.75",
     ]
     assert train.main(args) == 0
     run_dir = tmp_path / "opts"
@@ -194,5 +198,6 @@ def test_training_options_together(shards, tmp_path, capsys):
     out = capsys.readouterr().out
     assert meta["step"] == 8 or "early stop" in out
     assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2
+    assert load_config(run_dir / "config.yaml").augment.crop == 0.75
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
