@@ -200,6 +200,12 @@ class TrainConfig:
     eval_every: int = opt(
         0, "validate every N optimizer steps as well as every epoch (0 = epochs only)"
     )
+    val_tta: int = opt(
+        1,
+        "dihedral views averaged in every validation, as `evaluate --tta` (1 = none); "
+        "the best checkpoint is then chosen the way it will be used",
+        choices=(1, 2, 4, 8),
+    )
     checkpoint_every: int = opt(
         0, "also save checkpoints/last every N optimizer steps (0 = epochs only)"
     )

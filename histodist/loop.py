@@ -19,6 +19,7 @@ from torch import nn
 
 from histodist import checkpoint as ckpt
 from histodist.distributed import Preemption, agree, step_seed
+from histodist.inference import tta_probs
 from histodist.metrics import classification_metrics, confusion, gather_varlen, is_better
 from histodist.tracking import RunLog
 
@@ -205,6 +206,16 @@ def _bar(p: Parts, total: int, initial: int, desc: str):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def _forward(p: Parts, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Float32 logits; with `--val-tta N` the log of the mean softmax over N dihedral views
+    (a valid logit: its softmax is that mean, so the loss and metrics need no other path)."""
+    tta = p.cfg.train.val_tta
+    with p.accelerator.autocast():
+        if tta == 1:
+            return net(x).float()
+        return tta_probs(net, x, tta).float().clamp_min(1e-12).log()
+
+
 @torch.no_grad()
 def predict(p: Parts) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits float32 (N, C), labels int64 (N,)) over the whole validation split, gathered
@@ -218,8 +229,7 @@ def predict(p: Parts) -> tuple[torch.Tensor, torch.Tensor]:
         x = p.eval_transform(batch["image"].to(acc.device, non_blocking=True))
         if p.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with acc.autocast():
-            logits.append(net(x).float())
+        logits.append(_forward(p, net, x))
         labels.append(batch["label"].to(acc.device))
     net.train(was_training)
     n_cls = p.meta["num_classes"]

@@ -201,3 +201,24 @@ def test_training_options_together(shards, tmp_path, capsys):
     assert load_config(run_dir / "config.yaml").augment.crop == 0.75
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_val_tta_scores_validation_as_evaluate_tta_does(shards, tmp_path):
+    """--val-tta 8: the epoch's validation figures are those `evaluate --tta 8` gives for the
+    same checkpoint, and differ from the single-view figures of the same weights."""
+    from histodist import evaluate
+
+    assert train.main([*run_flags(shards, tmp_path, "tta"), "--epochs", "1",
+                       "--val-tta", "8"]) == 0  # fmt: skip
+    run_dir = tmp_path / "tta"
+    val = [x for x in _lines(run_dir) if "val/auc" in x][-1]
+    args = ["--run", str(run_dir), "--checkpoint", "last", "--split", "valid", "--workers", "0",
+            "--bootstrap", "0", "--no-progress", "--wandb", "disabled"]  # fmt: skip
+    for tta in (8, 1):
+        assert evaluate.main([*args, "--tta", str(tta), "--out", str(tmp_path / f"e{tta}")]) == 0
+    m8, m1 = (json.loads((tmp_path / f"e{t}" / "metrics.json").read_text())["patch"]
+              for t in (8, 1))  # fmt: skip
+    assert val["val/num_samples"] == m8["n"] == 40
+    assert val["val/auc"] == pytest.approx(m8["auc"], abs=1e-5)
+    assert val["val/accuracy"] == pytest.approx(m8["accuracy"], abs=1e-6)
+    assert m1["auc"] != pytest.approx(m8["auc"], abs=1e-5)
