@@ -213,7 +213,7 @@ def _forward(p: Parts, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with p.accelerator.autocast():
         if tta == 1:
             return net(x).float()
-        return tta_probs(net, x, tta).float().clamp_min(1e-12).log()
+        return tta_probs(net, x, tta).clamp_min(1e-12).log()  # float32 already
 
 
 @torch.no_grad()
