@@ -360,6 +360,9 @@ PRESETS: dict[str, list[dict]] = {
         {"op": "affine", "rotate": 30.0, "p": 0.5},
         {"op": "color_jitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.03},
     ],
+    # Orientation only: the lightest geometry-preserving choice, for short budgets (3 epochs
+    # from scratch on 20,000 PCam patches trains better with it than with "pcam"; README).
+    "dihedral": [{"op": "dihedral"}],
     "none": [],
 }
 

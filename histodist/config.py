@@ -82,8 +82,8 @@ class DataConfig:
 class AugmentConfig:
     augment: str = opt(
         "pcam",
-        "augmentation: a preset of histodist.augment.PRESETS (pcam, idc, breakhis, ham10000, none) "
-        "or a .yaml file holding a list of {op: ...}",
+        "augmentation: a preset of histodist.augment.PRESETS (pcam, idc, breakhis, ham10000, "
+        "dihedral, none) or a .yaml file holding a list of {op: ...}",
     )
     normalize: str = opt(
         "manifest",
@@ -101,7 +101,7 @@ class AugmentConfig:
         _check_choices(self)
         if not 0.0 < self.crop <= 1.0:
             raise ConfigError(f"--crop {self.crop}: must be in (0, 1]")
-        presets = ("pcam", "idc", "breakhis", "ham10000", "none")
+        presets = ("pcam", "idc", "breakhis", "ham10000", "dihedral", "none")
         if self.augment not in presets and not self.augment.endswith((".yaml", ".yml", ".json")):
             raise ConfigError(
                 f"--augment {self.augment!r}: use one of {', '.join(presets)} or a .yaml file"

@@ -79,6 +79,13 @@ def test_every_preset_resolves():
         assert cfg.data.dataset == name
 
 
+def test_every_augment_preset_is_accepted():
+    from histodist.augment import PRESETS as AUGMENT_PRESETS
+
+    for name in AUGMENT_PRESETS:
+        assert parse_args(["--augment", name]).augment.augment == name
+
+
 def test_save_and_load_round_trip(tmp_path):
     cfg = parse_args(["--dataset", "breakhis", "--model", "resnet50-dense", "--ema", "0.99"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
