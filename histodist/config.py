@@ -78,12 +78,17 @@ class DataConfig:
             raise ConfigError(f"--workers {self.workers}: must be >= 0")
 
 
+# Names of histodist.augment.PRESETS, listed here so that config imports without torch
+# (tests/test_config.py keeps the two equal).
+AUGMENT_PRESETS = ("pcam", "idc", "breakhis", "ham10000", "dihedral", "none")
+
+
 @dataclass
 class AugmentConfig:
     augment: str = opt(
         "pcam",
-        "augmentation: a preset of histodist.augment.PRESETS (pcam, idc, breakhis, ham10000, "
-        "dihedral, none) or a .yaml file holding a list of {op: ...}",
+        f"augmentation: a preset of histodist.augment.PRESETS ({', '.join(AUGMENT_PRESETS)}) "
+        "or a .yaml file holding a list of {op: ...}",
     )
     normalize: str = opt(
         "manifest",
@@ -101,10 +106,12 @@ class AugmentConfig:
         _check_choices(self)
         if not 0.0 < self.crop <= 1.0:
             raise ConfigError(f"--crop {self.crop}: must be in (0, 1]")
-        presets = ("pcam", "idc", "breakhis", "ham10000", "dihedral", "none")
-        if self.augment not in presets and not self.augment.endswith((".yaml", ".yml", ".json")):
+        if self.augment not in AUGMENT_PRESETS and not self.augment.endswith(
+            (".yaml", ".yml", ".json")
+        ):
             raise ConfigError(
-                f"--augment {self.augment!r}: use one of {', '.join(presets)} or a .yaml file"
+                f"--augment {self.augment!r}: use one of {', '.join(AUGMENT_PRESETS)} "
+                "or a .yaml file"
             )
 
 

@@ -79,9 +79,11 @@ def test_every_preset_resolves():
         assert cfg.data.dataset == name
 
 
-def test_every_augment_preset_is_accepted():
+def test_config_accepts_exactly_the_augment_presets():
     from histodist.augment import PRESETS as AUGMENT_PRESETS
+    from histodist.config import AUGMENT_PRESETS as NAMES
 
+    assert sorted(NAMES) == sorted(AUGMENT_PRESETS)
     for name in AUGMENT_PRESETS:
         assert parse_args(["--augment", name]).augment.augment == name
 
