@@ -211,7 +211,7 @@ class TrainConfig:
         1,
         "dihedral views averaged in every validation, as `evaluate --tta` (1 = none); "
         "the best checkpoint is then chosen the way it will be used",
-        choices=(1, 2, 4, 8),
+        choices=(1, 2, 4, 8),  # inference.TTA_KS (tests/test_config.py keeps them equal)
     )
     checkpoint_every: int = opt(
         0, "also save checkpoints/last every N optimizer steps (0 = epochs only)"

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", nargs="+", help="labelled image folder(s), CSV(s) or files")
     p.add_argument("--split", help="shard split (default: test if present, else the valid split)")
     p.add_argument("--images", help="folder of the images a CSV names by id")
-    p.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8), help="dihedral TTA views")
+    p.add_argument(
+        "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
+    )
     p.add_argument("--batch-size", type=int, help="per process (default: the run's)")
     p.add_argument("--workers", type=int, default=2, help="decode workers per process")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")

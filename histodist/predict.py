@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--kaggle", action="store_true",
                    help="write the Kaggle HCD submission (id,label); automatic for a test/ folder")  # fmt: skip
-    p.add_argument("--tta", type=int, default=1, choices=(1, 2, 4, 8), help="dihedral TTA views")
+    p.add_argument(
+        "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="decode worker processes")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")

@@ -88,6 +88,17 @@ def test_config_accepts_exactly_the_augment_presets():
         assert parse_args(["--augment", name]).augment.augment == name
 
 
+def test_val_tta_choices_are_the_tta_view_counts():
+    """config keeps its own literal (it imports without torch); inference.TTA_KS is the source."""
+    from dataclasses import fields
+
+    from histodist.config import TrainConfig
+    from histodist.inference import TTA_KS
+
+    (f,) = (f for f in fields(TrainConfig) if f.name == "val_tta")
+    assert f.metadata["choices"] == tuple(TTA_KS)
+
+
 def test_save_and_load_round_trip(tmp_path):
     cfg = parse_args(["--dataset", "breakhis", "--model", "resnet50-dense", "--ema", "0.99"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
