@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from shardkit import pcam_images, write_shards
+from trainkit import free_port
 
 from histodist import data
 
@@ -24,12 +24,6 @@ from histodist import data
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SCRIPT = Path(__file__).parent / "scripts" / "data_ranks.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_keys(shards: Path, name: str) -> set[str]:

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from PIL import Image
 from runkit import IMAGE_SIZE, tiny_run, untrained_run
 from shardkit import pcam_images
 from sklearn.metrics import roc_auc_score
+from trainkit import free_port
 
 from histodist import evaluate
 
@@ -108,12 +108,6 @@ def test_bad_run_folder_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("histodist.evaluate: error:") and "run folder" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path):
     run_dir, _ = setup
@@ -121,7 +115,7 @@ def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path)
               "--no-progress"]  # fmt: skip
     assert evaluate.main(common + ["--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-           "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+           "2", "--num_machines", "1", "--main_process_port", str(free_port()),
            "-m", "histodist.evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
