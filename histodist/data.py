@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import random
 import re
+import signal
 import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -46,15 +48,73 @@ class DataError(ValueError):
 
 
 def load_manifest(shards: str) -> dict:
-    """Read `manifest.json` from a shard folder or URL base (file://, http(s)://, pipe:)."""
+    """Read and check `manifest.json` of a shard folder or URL base (file://, http(s)://,
+    pipe:). Raises ShardError naming the file: missing (with the command that makes shards),
+    not JSON, or not the schema histodist.shard writes."""
     url = join_url(shards, "manifest.json")
     try:
-        manifest = json.loads(read_text(url))
+        text = read_text(url)
+    except ShardError:
+        if "://" in url or url.startswith("pipe:") or os.path.exists(url):
+            raise
+        raise ShardError(
+            f"{url}: no such file; make the shards with {_shard_hint(shards)}"
+        ) from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exn:
         raise ShardError(f"{url}: not valid JSON ({exn}); re-run histodist.shard") from exn
-    if not str(manifest.get("format", "")).startswith("histodist-shards/"):
-        raise ShardError(f"{url}: not a histodist shard manifest (format={manifest.get('format')})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardError(
+            f"{url}: not a histodist shard manifest ({problem}); re-run histodist.shard"
+        )
     return manifest
+
+
+def _shard_hint(shards: str) -> str:
+    """The histodist.shard command that writes shards to `shards` (its folder name as the
+    dataset when it is one, as in the presets' shards/<dataset>)."""
+    name = os.path.basename(os.path.normpath(shards))
+    if name == "pcam":
+        return f"`python -m histodist.shard --dataset pcam --download --out {shards}`"
+    known = ("kaggle-hcd", "idc", "breakhis", "ham10000", "folder")
+    dataset = name if name in known else "DATASET"
+    return f"`python -m histodist.shard --dataset {dataset} --src RAW_FOLDER --out {shards}`"
+
+
+def _manifest_problem(m) -> str | None:
+    """What in a parsed manifest breaks the schema the loaders rely on, or None."""
+    if not isinstance(m, dict):
+        return f"top level is a {type(m).__name__}, want an object"
+    if not str(m.get("format", "")).startswith("histodist-shards/"):
+        return f"format={m.get('format')!r}"
+    classes, splits = m.get("classes"), m.get("splits")
+    if not isinstance(classes, list) or not classes:
+        return "'classes' must be a non-empty list"
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' must be an object of splits"
+    for name, split in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            return f"{where} needs a 'shards' list"
+        if not _count(split.get("num_samples")):
+            return f"{where}.num_samples must be a non-negative integer"
+        counts = split.get("class_counts")
+        if not (isinstance(counts, list) and len(counts) == len(classes)):
+            return f"{where}.class_counts must list one count per class"
+        if not all(map(_count, counts)):
+            return f"{where}.class_counts must be non-negative integers"
+        for i, e in enumerate(split["shards"]):
+            if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"]):
+                return f"{where}.shards[{i}] needs a 'name'"
+            if not _count(e.get("num_samples")):
+                return f"{where}.shards[{i}].num_samples must be a non-negative integer"
+    return None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -356,6 +416,13 @@ class RankStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is one image at a time; avoid oversubscribing the cores
+    # `timeout`, `docker stop`, Kubernetes and Slurm signal the whole process group: a worker
+    # killed by SIGTERM (or SIGUSR1, whose default action also ends a process) fails the
+    # trainer before it can checkpoint. Workers ignore them; the trainer's Preemption handler
+    # saves and then shuts the workers down. (SIGINT: torch's worker loop already exits quietly.)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ShardLoader:

@@ -11,6 +11,7 @@ import json
 import pickle
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,6 +285,35 @@ def test_manifest_errors_name_the_file(tmp_path):
         data.load_manifest(str(tmp_path))
     with pytest.raises(ShardError, match="nowhere"):
         data.load_manifest(str(tmp_path / "nowhere"))
+
+
+def test_missing_manifest_says_how_to_make_shards(tmp_path):
+    with pytest.raises(ShardError, match=r"histodist.shard --dataset pcam --download --out"):
+        data.load_manifest(str(tmp_path / "pcam"))
+    with pytest.raises(ShardError, match=r"--dataset idc --src RAW_FOLDER --out .*idc`"):
+        data.load_manifest(str(tmp_path / "idc"))
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda m: [m], "top level is a list"),
+        (lambda m: m.pop("classes"), "'classes' must be a non-empty list"),
+        (lambda m: m["splits"]["train"].update(num_samples="64"), "train.num_samples"),
+        (lambda m: m["splits"]["valid"]["shards"][0].pop("name"), r"valid.shards\[0\] needs"),
+        (lambda m: m["splits"]["train"]["shards"][1].update(num_samples=-1), r"shards\[1\]"),
+        (lambda m: m["splits"]["train"].update(class_counts=[1]), "one count per class"),
+        (lambda m: m["splits"].update(train=[]), "splits.train needs a 'shards' list"),
+    ],
+)
+def test_manifest_of_the_wrong_schema_is_one_clear_error(shards, tmp_path, breakage, expected):
+    m = json.loads((Path(shards) / "manifest.json").read_text())
+    out = breakage(m)
+    (tmp_path / "manifest.json").write_text(json.dumps(out if out == [m] else m))
+    with pytest.raises(
+        ShardError, match=f"manifest.json: not a histodist shard manifest.*{expected}"
+    ):
+        data.load_manifest(str(tmp_path))
 
 
 @pytest.mark.filterwarnings("ignore:skipping")
