@@ -33,17 +33,20 @@ class Killed(BaseException):
 
 
 class FaultPlan:
-    """Fail the k-th operation (1-based); k=0 only counts. `log` lists (op, first argument)."""
+    """Fail the k-th operation (1-based), or the k-th of the operations named `op` (e.g. the
+    5th os.replace); k=0 only counts. `log` lists (op, first argument)."""
 
-    def __init__(self, k: int = 0, exit_code: int | None = None):
-        self.k, self.exit_code, self.n, self.log = k, exit_code, 0, []
+    def __init__(self, k: int = 0, exit_code: int | None = None, op: str | None = None):
+        self.k, self.exit_code, self.op = k, exit_code, op
+        self.n, self.hits, self.log = 0, 0, []
         self._saved: list = []
 
     def _wrap(self, name: str, fn):
         def wrapper(*args, **kwargs):
             self.n += 1
+            self.hits += self.op in (None, name)
             self.log.append((name, str(args[0]) if args else ""))
-            if self.n == self.k:
+            if self.op in (None, name) and self.hits == self.k:
                 if self.exit_code is not None:
                     os._exit(self.exit_code)
                 raise Killed(f"{name} #{self.n}")
@@ -65,14 +68,16 @@ class FaultPlan:
 
 
 def install_from_env() -> FaultPlan | None:
-    """Arm a plan that kills the process (exit 137) at op HISTODIST_FAULT_AT, counting only
-    operations made while a checkpoint is saved (histodist.checkpoint.save_last)."""
-    k = int(os.environ.get("HISTODIST_FAULT_AT", "0"))
-    if not k:
+    """Arm a plan that kills the process (exit 137) at HISTODIST_FAULT_AT ("replace:5": the
+    5th os.replace; "7": the 7th operation of any kind), counting only operations made while
+    a checkpoint is saved (histodist.checkpoint.save_last)."""
+    spec = os.environ.get("HISTODIST_FAULT_AT", "")
+    if not spec:
         return None
     from histodist import checkpoint
 
-    plan = FaultPlan(k, exit_code=137)
+    op, _, k = spec.rpartition(":")
+    plan = FaultPlan(int(k), exit_code=137, op=op or None)
     original = checkpoint.save_last
 
     def save_last(*args, **kwargs):
