@@ -117,6 +117,7 @@ def loaders(acc, cfg: Config, manifest: dict):
         image_size=size,
         skip_bad_shards=d.skip_bad_shards,
         cache_dir=d.cache_dir,
+        verify_shards=d.verify_shards,
     )
     train = data.train_loader(
         d.shards,

@@ -73,6 +73,11 @@ class DataConfig:
         "epochs over each worker's share; only for sets of many more shards than workers",
     )
     skip_bad_shards: bool = opt(False, "skip unreadable shards instead of failing")
+    verify_shards: bool = opt(
+        False,
+        "check each shard's sha256 (manifest) as it streams; a changed shard fails the run "
+        "(or is skipped) at its end, after its samples were read; costs ~1%% of loading",
+    )
     cache_dir: str | None = opt(None, "local cache folder for remote shards")
     class_balance: str = opt(
         "none",

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from histodist.remote import ShardError, join_url, open_url, read_text
-from histodist.tarstream import iter_tar
+from histodist.tarstream import DigestReader, iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
@@ -157,17 +157,35 @@ def passes(items: list, rng: random.Random) -> Iterator[list]:
         yield order
 
 
-def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache_dir: str | None):
+def shard_digests(manifest: dict, split: str, shards: str) -> dict[str, str]:
+    """{shard url: sha256 recorded by histodist.shard} of a split (for verify_shards)."""
+    entries = manifest["splits"][split]["shards"]
+    return {join_url(shards, e["name"]): e["sha256"] for e in entries if e.get("sha256")}
+
+
+def shard_samples(
+    shard: tuple[str, int],
+    counts: dict,
+    *,
+    skip_bad: bool,
+    cache_dir: str | None,
+    digest: str | None = None,
+):
     """Open one shard and yield its raw samples (dict of member bytes keyed by extension).
 
     A shard that cannot be opened, is truncated, or holds fewer samples than the manifest says
     raises ShardError naming it; with `skip_bad` it is counted in counts["bad_shards"] instead
-    (samples read before the damage are kept).
+    (samples read before the damage are kept). `digest`: the manifest's sha256 of the shard,
+    checked over the bytes as they stream; a mismatch is found at the end of the shard, after
+    its samples were yielded (holding a shard back until then would cost its size in memory
+    per worker), and raises ShardError (or counts a bad shard).
     """
     url, expected = shard
     n = 0
     try:
         stream = open_url(url, cache_dir=cache_dir)
+        if digest:
+            stream = DigestReader(stream)
         try:
             files = (
                 {"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream)
@@ -175,10 +193,16 @@ def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache
             for sample in group_by_keys(files):
                 n += 1
                 yield sample
+            actual = stream.hexdigest() if digest else None
         finally:
             stream.close()
         if expected and n < expected:
             raise ShardError(f"{url}: {n} samples, manifest says {expected} (truncated?)")
+        if actual != digest:
+            raise ShardError(
+                f"{url}: sha256 differs from the manifest (bytes changed after histodist.shard "
+                "wrote it; its samples were read); re-create it or pass --skip-bad-shards"
+            )
     except Exception as exn:
         if not skip_bad:
             if isinstance(exn, ShardError):
@@ -314,12 +338,18 @@ def with_counts(batches: Iterable[Batch], counts: dict) -> Iterator[Batch]:
     yield {_STATS: {k: counts[k] - sent[k] for k in sent}}
 
 
-def stream_samples(source: Iterator, counts: dict, *, skip_bad: bool, cache_dir, patience: int):
-    """Raw samples of every shard `source` yields; stops an endless stream of bad shards."""
+def stream_samples(
+    source: Iterator, counts: dict, *, skip_bad: bool, cache_dir, patience: int, digests=None
+):
+    """Raw samples of every shard `source` yields; stops an endless stream of bad shards.
+    `digests`: {url: sha256} to check each shard against (verify_shards), or None."""
     empty = 0
     for shard in source:
         n = 0
-        for sample in shard_samples(shard, counts, skip_bad=skip_bad, cache_dir=cache_dir):
+        digest = digests.get(shard[0]) if digests else None
+        for sample in shard_samples(
+            shard, counts, skip_bad=skip_bad, cache_dir=cache_dir, digest=digest
+        ):
             n += 1
             yield sample
         empty = 0 if n else empty + 1
@@ -353,6 +383,7 @@ class RankStream(IterableDataset):
         image_size: tuple[int, int] | None = None,
         skip_bad_shards: bool = False,
         cache_dir: str | None = None,
+        digests: dict[str, str] | None = None,
     ):
         super().__init__()
         if not shards:
@@ -363,6 +394,7 @@ class RankStream(IterableDataset):
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
+        self.digests = digests  # {url: sha256} to check while streaming, or None
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
 
@@ -392,7 +424,8 @@ class RankStream(IterableDataset):
 
         def read(source: Iterator) -> Iterator:
             return stream_samples(source, counts, skip_bad=self.skip_bad_shards,
-                                  cache_dir=self.cache_dir, patience=patience)  # fmt: skip
+                                  cache_dir=self.cache_dir, patience=patience,
+                                  digests=self.digests)  # fmt: skip
 
         mine = split_by_rank(self.shards, self.rank, self.world_size)
         if self.steps is None:
@@ -506,6 +539,7 @@ def train_loader(
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
     cache_dir: str | None = None,
+    verify_shards: bool = False,
 ) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
 
@@ -533,6 +567,7 @@ def train_loader(
         image_size=image_size,
         skip_bad_shards=skip_bad_shards,
         cache_dir=cache_dir,
+        digests=shard_digests(manifest, split, shards) if verify_shards else None,
     )
     return ShardLoader(
         ds,
@@ -554,6 +589,7 @@ def eval_loader(
     image_size: tuple[int, int] | None = None,
     skip_bad_shards: bool = False,
     cache_dir: str | None = None,
+    verify_shards: bool = False,
 ) -> ShardLoader:
     """Evaluation loader: over all ranks every sample of `split` exactly once, in shard order.
 
@@ -571,6 +607,7 @@ def eval_loader(
         image_size=image_size,
         skip_bad_shards=skip_bad_shards,
         cache_dir=cache_dir,
+        digests=shard_digests(manifest, split, shards) if verify_shards else None,
     )
     length = _eval_length(urls, rank, world_size, workers, batch_size)
     return ShardLoader(ds, length=length, workers=workers)

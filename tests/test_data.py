@@ -378,3 +378,30 @@ def test_no_resample_reads_each_sample_once_when_shards_divide_evenly(tmp_path, 
             assert len(batches) == len(loader) == 4
             keys += keys_of(batches)
         assert sorted(keys) == sorted(all_keys(str(tmp_path / "even"), "train"))
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad shard")
+def test_verify_shards_finds_bytes_flipped_inside_a_jpeg(tmp_path, images):
+    """Flipped bytes inside an image member still decode; only the manifest's sha256, checked
+    while the shard streams (verify_shards), finds them: an error, or a skipped shard."""
+    write_shards(tmp_path, images, SIZES)
+    intact = data.eval_loader(str(tmp_path), "valid", batch_size=4, rank=0, world_size=1,
+                              workers=0, verify_shards=True)  # fmt: skip
+    assert len(keys_of(intact)) == 24 and intact.stats()["bad_shards"] == 0
+    path = tmp_path / "valid-000001.tar"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\xff\xda") + 200  # inside the first JPEG's entropy-coded data
+    raw[at : at + 4] = bytes(b ^ 0x55 for b in raw[at : at + 4])
+    path.write_bytes(bytes(raw))
+
+    def read(**kw):
+        loader = data.eval_loader(str(tmp_path), "valid", batch_size=4, rank=0, world_size=1,
+                                  workers=0, **kw)  # fmt: skip
+        return keys_of(loader), loader.stats()
+
+    keys, stats = read()
+    assert len(keys) == 24 and stats == {"decode_errors": 0, "bad_shards": 0}  # silent
+    with pytest.raises(ShardError, match="valid-000001.tar: sha256 differs"):
+        read(verify_shards=True)
+    keys, stats = read(verify_shards=True, skip_bad_shards=True)
+    assert stats["bad_shards"] == 1 and len(keys) == 24  # its samples were read before the end
