@@ -74,21 +74,23 @@ def run_dir_for(cfg: Config) -> Path:
 def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
     """runs/<name>/ for this run. A new run gets config.yaml and manifest.json now; a run that
     holds a checkpoint needs --resume, and its saved config is checked against this one (the
-    files are rewritten only once its state has loaded, by write_run_files)."""
-    from histodist.checkpoint import has_checkpoint, resume_conflicts
+    files are rewritten only once its state has loaded, by resume_state). The main process
+    looks at the folder and broadcasts what it found."""
+    from histodist.checkpoint import broadcast, has_checkpoint, resume_conflicts
 
     run_dir = run_dir_for(cfg)
-    if not has_checkpoint(run_dir / "checkpoints"):
-        if acc.is_main_process:
+    held, conflicts = False, []
+    if acc.is_main_process:
+        held = has_checkpoint(run_dir / "checkpoints")
+        conflicts = resume_conflicts(run_dir, cfg, manifest) if held and cfg.train.resume else []
+        if not held:
             write_run_files(cfg, manifest, run_dir)
-        acc.wait_for_everyone()
-        return run_dir
-    if not cfg.train.resume:
+    held, conflicts = broadcast(acc, (held, conflicts))
+    if held and not cfg.train.resume:
         raise TrainError(
             f"{run_dir}: already holds a checkpoint; pass --resume to continue it "
             "or --run-name NEW for a new run"
         )
-    conflicts = resume_conflicts(run_dir, cfg, manifest)
     if conflicts:
         raise TrainError(
             f"{run_dir}: --resume with settings its checkpoint cannot take: "

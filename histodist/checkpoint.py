@@ -159,8 +159,9 @@ def _protected(root: Path, meta: dict) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- collectives
-def _bcast(accelerator, obj: Any) -> Any:
-    """The main process's `obj` on every rank."""
+def broadcast(accelerator, obj: Any) -> Any:
+    """The main process's `obj` (a small picklable value) on every rank: decisions about files
+    are taken where they are written, never from another node's possibly stale view."""
     if accelerator.num_processes == 1:
         return obj
     from accelerate.utils import broadcast_object_list
@@ -193,7 +194,7 @@ def save_last(
     name = STEP.format(int(meta["step"]))
     meta = {**meta, "histodist_version": version_string()}
     same = accelerator.is_main_process and _target(root / "last") == name
-    if _bcast(accelerator, same and _complete(root / name)):
+    if broadcast(accelerator, same and _complete(root / name)):
         # Nothing trained since `last` was written at this step: only its metadata changes.
         if accelerator.is_main_process:
             _write_json(root / name / "meta.json", meta)
@@ -225,7 +226,7 @@ def _write_state(accelerator, root: Path, name: str, meta: dict, keep_last: int,
         problem = _space_problem(root)
         if problem is None:
             tmp.mkdir()
-    problem = _bcast(accelerator, problem)
+    problem = broadcast(accelerator, problem)
     if problem:
         raise CheckpointError(problem)
     failure = None
@@ -244,7 +245,7 @@ def _write_state(accelerator, root: Path, name: str, meta: dict, keep_last: int,
             failure = e
     if _any_rank(accelerator, failure is not None):
         message = _write_failure(accelerator, root, tmp, failure)
-        raise CheckpointError(_bcast(accelerator, message))
+        raise CheckpointError(broadcast(accelerator, message))
     return tmp
 
 
@@ -305,7 +306,7 @@ def resume(accelerator, root: Path, extra: dict | None = None, say=print) -> dic
         _tidy(root)
         names = [p.name for p in states(root)]
         _set_aside_pickles(root, names, say)
-    names = _bcast(accelerator, names) or []
+    names = broadcast(accelerator, names) or []
     for i, name in enumerate(names):
         error = _try_load(accelerator, root / name, extra or {})
         if _any_rank(accelerator, error is not None):
@@ -390,7 +391,7 @@ def resume_conflicts(run_dir: Path, cfg, manifest: dict) -> list[str]:
     try:
         saved = load_config(Path(run_dir) / "config.yaml").to_dict()
     except ConfigError as e:
-        raise CheckpointError(f"cannot resume: {e}") from None
+        return [f"its config.yaml is unreadable ({e})"]
     new = cfg.to_dict()
     out = [
         f"{s}.{k} {saved[s][k]} -> {new[s][k]}"
