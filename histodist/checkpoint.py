@@ -222,7 +222,10 @@ def _write_state(accelerator, root: Path, name: str, meta: dict, keep_last: int,
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         _tidy(root)
-        _prune(root, max(1, keep_last - 1), _protected(root, meta))
+        protected = _protected(root, meta)
+        if (root / name).exists() and name not in protected:
+            _remove(root / name)  # a state of this step from before a resume: replaced
+        _prune(root, max(1, keep_last - 1), protected)
         problem = _space_problem(root)
         if problem is None:
             tmp.mkdir()
