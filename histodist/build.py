@@ -16,6 +16,7 @@ from torch import nn
 
 from histodist import augment as aug
 from histodist import data
+from histodist.checkpoint import STEP
 from histodist.config import Config, ConfigError, replace, save_config
 from histodist.loop import Parts, State
 from histodist.models import build_model, model_norm, set_backbone_trainable
@@ -71,22 +72,40 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
-    """Create runs/<name>/ with config.yaml and manifest.json; refuse to overwrite a run that
-    holds a checkpoint unless --resume."""
+    """runs/<name>/ for this run. A new run gets config.yaml and manifest.json now; a run that
+    holds a checkpoint needs --resume, and its saved config is checked against this one (the
+    files are rewritten only once its state has loaded, by resume_state). The main process
+    looks at the folder and broadcasts what it found."""
+    from histodist.checkpoint import broadcast, has_checkpoint, resume_conflicts
+
     run_dir = run_dir_for(cfg)
-    if (run_dir / "checkpoints" / "last").is_dir() and not cfg.train.resume:
+    held, conflicts = False, []
+    if acc.is_main_process:
+        held = has_checkpoint(run_dir / "checkpoints")
+        conflicts = resume_conflicts(run_dir, cfg, manifest) if held and cfg.train.resume else []
+        if not held:
+            write_run_files(cfg, manifest, run_dir)
+    held, conflicts = broadcast(acc, (held, conflicts))
+    if held and not cfg.train.resume:
         raise TrainError(
             f"{run_dir}: already holds a checkpoint; pass --resume to continue it "
             "or --run-name NEW for a new run"
         )
-    if acc.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        tmp = run_dir / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(run_dir / "manifest.json")
-    acc.wait_for_everyone()
+    if conflicts:
+        raise TrainError(
+            f"{run_dir}: --resume with settings its checkpoint cannot take: "
+            f"{'; '.join(conflicts)}; keep them or pass --run-name NEW"
+        )
     return run_dir
+
+
+def write_run_files(cfg: Config, manifest: dict, run_dir: Path) -> None:
+    """config.yaml and manifest.json of the run, each written atomically (main process)."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tmp = run_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(run_dir / "manifest.json")
 
 
 def loaders(acc, cfg: Config, manifest: dict):
@@ -100,6 +119,7 @@ def loaders(acc, cfg: Config, manifest: dict):
         image_size=size,
         skip_bad_shards=d.skip_bad_shards,
         cache_dir=d.cache_dir,
+        verify_shards=d.verify_shards,
     )
     train = data.train_loader(
         d.shards,
@@ -188,9 +208,9 @@ def _ema(acc, model: nn.Module, cfg: Config):
         return None
     from timm.utils import ModelEmaV3
 
-    ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.optim.ema)
-    acc.register_for_checkpointing(ema)
-    return ema
+    # Not registered with accelerate (it unpickles custom objects with weights_only=False):
+    # checkpoint.save_last writes the EMA weights as safetensors and resume loads them.
+    return ModelEmaV3(acc.unwrap_model(model), decay=cfg.optim.ema)
 
 
 def _meta(cfg: Config, manifest: dict, mean, std, has_ema: bool) -> dict:
@@ -208,14 +228,21 @@ def _meta(cfg: Config, manifest: dict, mean, std, has_ema: bool) -> dict:
 
 
 def resume_state(p: Parts) -> State:
-    """Load checkpoints/last when --resume and it exists; else a fresh State."""
-    last = p.run_dir / "checkpoints" / "last"
-    if not (p.cfg.train.resume and (last / "meta.json").is_file()):
+    """With --resume, the newest loadable state of the run (every rank loads the folder the
+    main process chose) and then the new config.yaml (manifest.json stays the one the run
+    trained on); a fresh State when there is none or without --resume."""
+    if not p.cfg.train.resume:
         return State()
-    from histodist.checkpoint import read_meta
+    from histodist.checkpoint import resume
 
-    p.accelerator.load_state(str(last))
-    meta = read_meta(last)
+    root = p.run_dir / "checkpoints"
+    extra = {"model_ema.safetensors": p.ema.module} if p.ema is not None else None
+    meta = resume(p.accelerator, root, extra, say=p.log.print)
+    if p.accelerator.is_main_process:
+        save_config(p.cfg, p.run_dir / "config.yaml")
+    if meta is None:
+        p.log.print(f"--resume: no checkpoint in {root}; starting a new run")
+        return State()
     if meta.get("world_size") != p.accelerator.num_processes:
         p.log.print(
             f"warning: resuming a {meta.get('world_size')}-process run with "
@@ -223,7 +250,8 @@ def resume_state(p: Parts) -> State:
         )
     st = State.from_meta(meta)
     p.log.print(
-        f"resumed {last} at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}"
+        f"resumed {root}/{STEP.format(st.step)} at epoch {st.epoch + 1}, "
+        f"batch {st.batch_in_epoch}, step {st.step}"
     )
     return st
 

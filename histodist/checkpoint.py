@@ -1,22 +1,34 @@
-"""Checkpoints of a run: atomic full training states (last, best, older step-*) and model loading.
+"""Checkpoints of a run: full training states published atomically, resume and model loading.
 
 Layout under runs/<name>/checkpoints/:
-  last/      newest full state: accelerate's save_state (model.safetensors, optimizer.bin,
-             scheduler.bin, scaler.pt with fp16, random_states_<rank>.pkl, custom states such as
-             the EMA) plus meta.json {"epoch", "batch_in_epoch", "step", ...}
-  best/      a copy of the state with the best validation metric
-  step-N/    older states, `keep_last - 1` of them
-Every state is written into a hidden temporary folder and renamed into place, so a crash
-never leaves a half-written `last` or `best`. The checkpoints folder must be on a file system
-shared by all ranks (each rank writes its own RNG state).
+  step-000000123/  one complete training state each: accelerate's save_state
+                   (model.safetensors, optimizer.bin, scheduler.bin, scaler.pt with fp16,
+                   random_states_<rank>.pkl), extra safetensors files (model_ema.safetensors)
+                   and meta.json {"epoch", "batch_in_epoch", "step", "best_step", ...}
+  last -> step-N   symlink to the newest state
+  best -> step-M   symlink to the state with the best validation metric
+Protocol (each line is one step a kill may interrupt; every instant leaves a resumable run):
+  1. every rank writes into `.tmp-step-N` (hidden: never read, removed by the next save);
+  2. the main process writes meta.json, fsyncs every file and the folder, then renames
+     `.tmp-step-N` -> `step-N`: a visible `step-*` folder is always complete;
+  3. `best` (when improved) and `last` are re-pointed by replacing a symlink (atomic);
+  4. old states are pruned by a rename to `.del-*` before their removal.
+Resume loads the newest complete `step-*` (falling back to older ones when it cannot be
+loaded), then repairs `last` and `best` from its meta.json (`best_step`). A state that shares
+its step with `last` (a checkpoint and a validation at the same step) only rewrites meta.json.
+Every file is read with safetensors, JSON, or `torch.load(weights_only=True)`; nothing a
+checkpoint holds is unpickled. The folder must be on a file system shared by all ranks (each
+rank writes its own RNG state).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,86 +36,256 @@ import torch
 
 from histodist.version import version_string
 
+STEP = "step-{:09d}"
+# Folders an older layout (real `last` / `best` folders swapped by two renames) may leave;
+# the replaced copies first, so that they are dropped while `last` / `best` still exist.
+_LEGACY = (".old-last", ".old-best", ".tmp-last", "last", "best")
+
 
 class CheckpointError(RuntimeError):
-    """A missing or unreadable checkpoint; the message names the folder."""
+    """A missing, unreadable or unwritable checkpoint; the message names the folder."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# ----------------------------------------------------------------------------- file system
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(folder)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace folder `dest` by `tmp` (a rename; `dest` is absent only between two renames)."""
-    old = dest.with_name(f".old-{dest.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+def _point(root: Path, name: str, target: str) -> None:
+    """Make root/name a symlink to root/target, atomically (symlink beside, then rename)."""
+    new = root / f".{name}.new"
+    if new.is_symlink() or new.exists():
+        new.unlink()
+    os.symlink(target, new)
+    os.replace(new, root / name)
+    _fsync(root)
 
 
-def save_last(
-    accelerator, root: Path, meta: dict[str, Any], *, keep_last: int, extra: dict | None = None
-) -> Path:
-    """Save the full training state as `root/last` on every rank (collective: call on all ranks).
-    The previous `last` becomes `step-<its step>`; only `keep_last` states are kept.
-    `extra`: {file name: state dict} written as safetensors beside (e.g. the EMA weights)."""
+def _remove(path: Path) -> None:
+    """Delete a folder so that no half-deleted state is ever visible: rename, then remove."""
+    trash = path.with_name(f".del-{path.name}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+# ----------------------------------------------------------------------------- layout
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "meta.json").is_file()
+
+
+def states(root: str | os.PathLike) -> list[Path]:
+    """Complete `step-*` folders under a checkpoints folder, newest first."""
     root = Path(root)
-    tmp = root / ".tmp-last"
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and _complete(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _target(link: Path) -> str | None:
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def has_checkpoint(root: str | os.PathLike) -> bool:
+    """True when the checkpoints folder holds any training state (any layout)."""
+    root = Path(root)
+    return bool(states(root)) or any(_complete(root / n) for n in _LEGACY)
+
+
+def _tidy(root: Path) -> None:
+    """Main process: turn an older layout (real `last` / `best` folders, states left between
+    its two renames) into step-* folders, and remove hidden temporaries."""
+    for name in _LEGACY:
+        p = root / name
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            dest = root / STEP.format(int(read_meta(p)["step"]))
+        except (CheckpointError, ValueError):
+            dest = None  # never finished
+        if name.startswith(".old-") and (root / name[5:]).exists():
+            dest = None  # the swap finished; this is the replaced copy
+        if dest is None or dest.exists():
+            _remove(p)
+        else:
+            os.replace(p, dest)
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".del-")) and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".") and p.name.endswith(".new"):
+            p.unlink()
+
+
+def _prune(root: Path, keep: int, protect: set[str]) -> None:
+    """Keep the newest `keep` states and the protected ones (last, best, the best step)."""
+    for p in states(root)[keep:]:
+        if p.name not in protect:
+            _remove(p)
+
+
+def _protected(root: Path, meta: dict) -> set[str]:
+    names = {_target(root / "last"), _target(root / "best")}
+    if int(meta.get("best_step", -1)) >= 0:
+        names.add(STEP.format(int(meta["best_step"])))
+    return {n for n in names if n}
+
+
+# ----------------------------------------------------------------------------- collectives
+def broadcast(accelerator, obj: Any) -> Any:
+    """The main process's `obj` (a small picklable value) on every rank: decisions about files
+    are taken where they are written, never from another node's possibly stale view."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    from histodist.distributed import agree
+
+    return bool(agree(accelerator, flag)[0])
+
+
+# ----------------------------------------------------------------------------- saving
+def save_last(
+    accelerator,
+    root: Path,
+    meta: dict[str, Any],
+    *,
+    keep_last: int,
+    extra: dict | None = None,
+    best: bool = False,
+) -> Path:
+    """Save the full training state as `root/step-<meta step>` and point `last` (and `best`
+    when `best`) at it; keeps the newest `keep_last` states plus the best one. Collective: call
+    on all ranks. `extra`: {file name: state dict} written as safetensors beside (the EMA).
+    Raises CheckpointError (on every rank) when the state cannot be written: the partial
+    folder is removed and the previous states are untouched."""
+    root = Path(root)
+    name = STEP.format(int(meta["step"]))
+    meta = {**meta, "histodist_version": version_string()}
+    same = accelerator.is_main_process and _target(root / "last") == name
+    if broadcast(accelerator, same and _complete(root / name)):
+        # Nothing trained since `last` was written at this step: only its metadata changes.
+        if accelerator.is_main_process:
+            _write_json(root / name / "meta.json", meta)
+            if best:
+                _point(root, "best", name)
+        accelerator.wait_for_everyone()
+        return root / "last"
+    tmp = _write_state(accelerator, root, name, meta, keep_last, extra or {})
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        meta = {**meta, "histodist_version": version_string()}
-        for name, sd in (extra or {}).items():
-            save_weights(sd, tmp / name)
-        _write_json(tmp / "meta.json", meta)
-        last = root / "last"
-        prev = read_meta(last) if (last / "meta.json").is_file() else None
-        if prev is not None and keep_last > 1 and prev.get("step") != meta.get("step"):
-            os.replace(last, root / f"step-{int(prev['step']):09d}")
-        _swap_in(tmp, last)
-        _prune(root, keep_last - 1)
+        os.replace(tmp, root / name)
+        _fsync(root)
+        if best:
+            _point(root, "best", name)
+        _point(root, "last", name)
+        _prune(root, keep_last, _protected(root, meta))
     accelerator.wait_for_everyone()
     return root / "last"
 
 
-def _prune(root: Path, keep: int) -> None:
-    older = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for p in older[: max(0, len(older) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def copy_to_best(accelerator, root: Path, extra_meta: dict[str, Any]) -> Path:
-    """Copy `root/last` to `root/best` atomically (main process), updating its meta.json."""
-    root = Path(root)
+def _write_state(accelerator, root: Path, name: str, meta: dict, keep_last: int, extra) -> Path:
+    """Every rank writes the state into root/.tmp-<name>; the main process adds the extra
+    files and meta.json and fsyncs them. Returns the folder, complete on disk."""
+    tmp = root / f".tmp-{name}"
+    problem = None
     if accelerator.is_main_process:
-        tmp = root / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(root / "last", tmp)
-        meta = {**read_meta(tmp), **extra_meta}
-        _write_json(tmp / "meta.json", meta)
-        _swap_in(tmp, root / "best")
-    accelerator.wait_for_everyone()
-    return root / "best"
-
-
-def read_meta(ckpt: str | os.PathLike) -> dict:
-    path = Path(ckpt) / "meta.json"
+        root.mkdir(parents=True, exist_ok=True)
+        _tidy(root)
+        protected = _protected(root, meta)
+        if (root / name).exists() and name not in protected:
+            _remove(root / name)  # a state of this step from before a resume: replaced
+        _prune(root, max(1, keep_last - 1), protected)
+        problem = _space_problem(root)
+        if problem is None:
+            tmp.mkdir()
+    problem = broadcast(accelerator, problem)
+    if problem:
+        raise CheckpointError(problem)
+    failure = None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as a RuntimeError
+        failure = e
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and failure is None:
+        try:
+            for fname, sd in extra.items():
+                save_weights(sd, tmp / fname)
+            _write_json(tmp / "meta.json", meta)
+            _fsync_tree(tmp)
+        except OSError as e:
+            failure = e
+    if _any_rank(accelerator, failure is not None):
+        message = _write_failure(accelerator, root, tmp, failure)
+        raise CheckpointError(broadcast(accelerator, message))
+    return tmp
+
+
+def _space_problem(root: Path) -> str | None:
+    """A message when the free space is below the size of the newest state (main process)."""
+    prev = states(root)
+    if not prev:
+        return None
+    need, free = _folder_bytes(prev[0]), shutil.disk_usage(root).free
+    if free >= need:
+        return None
+    return _no_space(root, free, need, "not enough space")
+
+
+def _no_space(root: Path, free: int, need: int, cause: str) -> str:
+    return (
+        f"{root}: cannot write a checkpoint ({cause}): {free / 2**20:.0f} MiB free, about "
+        f"{need / 2**20:.0f} MiB needed; free space (or lower --keep-last) and rerun with "
+        "--resume (the previous checkpoint is intact)"
+    )
+
+
+def _write_failure(accelerator, root: Path, tmp: Path, failure: BaseException | None) -> str:
+    """Remove the partial state (main process) and describe the failure."""
+    if not accelerator.is_main_process:
+        return ""
+    written = _folder_bytes(tmp) if tmp.is_dir() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    prev = states(root)
+    need = max(written, _folder_bytes(prev[0]) if prev else 0)
+    if failure is None:
+        cause = "failed on another rank"
+    elif isinstance(failure, OSError) and failure.errno == errno.ENOSPC:
+        cause = "no space left on device"
+    else:
+        cause = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0][:120]}"
+    return _no_space(root, shutil.disk_usage(root).free, need, cause)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -115,23 +297,179 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- resuming
+def resume(accelerator, root: Path, extra: dict | None = None, say=print) -> dict | None:
+    """Load the newest loadable state under `root` on every rank (collective); returns its
+    meta, or None when there is no state at all. The main process chooses the candidates and
+    broadcasts them, so every rank loads the same folder. `extra`: {file name: module} whose
+    weights are loaded from that safetensors file of the state (the EMA)."""
+    root = Path(root)
+    names = None
+    if accelerator.is_main_process and root.is_dir():
+        _tidy(root)
+        names = [p.name for p in states(root)]
+        _set_aside_pickles(root, names, say)
+    names = broadcast(accelerator, names) or []
+    for i, name in enumerate(names):
+        error = _try_load(accelerator, root / name, extra or {})
+        if _any_rank(accelerator, error is not None):
+            say(f"{root / name}: cannot load ({error or 'failed on another rank'}); trying older")
+            continue
+        meta = read_meta(root / name)
+        if accelerator.is_main_process:
+            _repair(root, name, names[:i], meta, say)
+        accelerator.wait_for_everyone()
+        if i:
+            say(f"resuming from {root / name}, the newest state that loads")
+        return meta
+    if names:
+        raise CheckpointError(f"{root}: no checkpoint loads ({', '.join(names)}); see above")
+    return None
+
+
+def _set_aside_pickles(root: Path, names: list[str], say) -> None:
+    """Rename accelerate custom-object files (`custom_checkpoint_<i>.pkl`, which it unpickles
+    with weights_only=False, and which states of an older layout hold for the EMA, saved as
+    safetensors too) so that load_state neither reads them nor fails on their count."""
+    for name in names:
+        for f in (root / name).glob("custom_checkpoint_*.pkl"):
+            os.replace(f, f.with_name(f.name + ".ignored"))
+            say(f"{f}: not loaded (pickle); renamed {f.name}.ignored")
+
+
+def _try_load(accelerator, folder: Path, extra: dict) -> str | None:
+    """Load one state into the prepared objects; the reason it failed, or None."""
+    from safetensors.torch import load_file
+
+    try:
+        read_meta(folder)
+        # Accelerate reads model.safetensors with safetensors and optimizer, scheduler, scaler
+        # and RNG files with torch.load(weights_only=True); custom objects (unpickled with
+        # weights_only=False) are never registered, so none is read.
+        accelerator.load_state(str(folder))
+        for fname, module in extra.items():
+            module.load_state_dict(load_file(str(folder / fname)))
+    except Exception as e:  # noqa: BLE001 - any failure means: try an older state
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e) else repr(e)
+    return None
+
+
+def _repair(root: Path, name: str, newer: list[str], meta: dict, say) -> None:
+    """Point `last` at the loaded state, `best` at its best step; set newer states aside."""
+    for n in newer:
+        os.replace(root / n, root / f"unloadable-{n}")
+        say(f"{root / n}: set aside as unloadable-{n}")
+    if _target(root / "last") != name:
+        _point(root, "last", name)
+    best_step = int(meta.get("best_step", -1))
+    best = STEP.format(best_step)
+    if best_step >= 0 and _target(root / "best") != best:
+        if _complete(root / best):
+            _point(root, "best", best)
+            say(f"{root / 'best'}: repaired, now {best} (the best step in {name}/meta.json)")
+        else:
+            say(f"warning: {root / best} (the best state) is missing; `best` is not updated")
+
+
+# Settings that shape the saved state (tensor shapes, optimizer parameter groups, EMA
+# weights) or what its position means; a resumed run must keep them. Anything else may change
+# (epochs, lr and schedule, patience, checkpoint and log intervals, workers, precision, ...).
+FIXED_ON_RESUME = (
+    ("data", "dataset"),
+    ("data", "num_classes"),
+    ("data", "image_size"),
+    ("data", "train_split"),
+    ("model", "model"),
+    ("optim", "optimizer"),
+    ("optim", "layer_decay"),
+    ("optim", "backbone_lr_scale"),
+)
+
+
+def resume_conflicts(run_dir: Path, cfg, manifest: dict) -> list[str]:
+    """What `cfg` changes of the run's saved config.yaml (and the classes of its manifest.json)
+    that its checkpoints cannot be resumed with, as "model.model resnet18 -> resnet34"."""
+    from histodist.config import ConfigError, load_config
+
+    try:
+        saved = load_config(Path(run_dir) / "config.yaml").to_dict()
+    except ConfigError as e:
+        return [f"its config.yaml is unreadable ({e})"]
+    new = cfg.to_dict()
+    out = [
+        f"{s}.{k} {saved[s][k]} -> {new[s][k]}"
+        for s, k in FIXED_ON_RESUME
+        if saved[s][k] != new[s][k]
+    ]
+    if (saved["optim"]["ema"] > 0) != (new["optim"]["ema"] > 0):
+        out.append(f"optim.ema {saved['optim']['ema']} -> {new['optim']['ema']}")
+    mpath = Path(run_dir) / "manifest.json"
+    old_classes = json.loads(mpath.read_text()).get("classes") if mpath.is_file() else None
+    if old_classes is not None and old_classes != manifest.get("classes"):
+        out.append(f"classes {old_classes} -> {manifest.get('classes')}")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+def read_meta(ckpt: str | os.PathLike) -> dict:
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path}: not checkpoint metadata (no 'step')")
+    return meta
+
+
+def _newest(root: Path) -> Path | None:
+    """The newest complete state (`last` points there once its publication finished)."""
+    found = states(root)
+    if found:
+        return root / "last" if _target(root / "last") == found[0].name else found[0]
+    return root / "last" if _complete(root / "last") else None
+
+
 def find_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """runs/<name>/checkpoints/<which>, falling back from best to last; or a checkpoint folder."""
+    """A checkpoint folder of a run: `best` (the state of the best step recorded in the
+    newest meta.json), `last`, another name under checkpoints/, or a checkpoint folder."""
     run_dir = Path(run_dir)
     if (run_dir / "meta.json").is_file():
         return run_dir
-    for name in (which, "last") if which == "best" else (which,):
-        ckpt = run_dir / "checkpoints" / name
-        if (ckpt / "meta.json").is_file():
-            return ckpt
+    root = run_dir / "checkpoints"
+    newest = _newest(root)
+    if which == "last" and newest is not None:
+        return newest
+    if which == "best":
+        return _find_best(root, newest)
+    if which not in ("best", "last") and _complete(root / which):
+        return root / which
     raise CheckpointError(f"{run_dir}: no checkpoints/{which} with meta.json; is it a run folder?")
+
+
+def _find_best(root: Path, newest: Path | None) -> Path:
+    best_step = int(read_meta(newest).get("best_step", -1)) if newest else -1
+    if best_step < 0:
+        if _complete(root / "best"):
+            return root / "best"
+        if newest is None:
+            raise CheckpointError(f"{root.parent}: no checkpoints; is it a run folder?")
+        print(f"note: {root}: no validation finished yet; using last", file=sys.stderr)
+        return newest
+    for cand in (root / STEP.format(best_step), root / "best"):
+        if _complete(cand) and int(read_meta(cand)["step"]) == best_step:
+            return cand
+    raise CheckpointError(
+        f"{root}: the best state (step {best_step}, per {newest.name}/meta.json) is missing; "
+        "pass --checkpoint last or a step-* folder"
+    )
 
 
 def load_run_model(run_dir: str | os.PathLike, which: str = "best"):
     """(model in eval mode on CPU, Config, meta) from a run folder written by histodist.train.
     Uses the EMA weights when the run kept an EMA (meta["eval_weights"])."""
     from histodist.config import load_config, replace
-    from histodist.models import build_model, read_state_dict
+    from histodist.models import WeightsError, build_model, read_state_dict
 
     run_dir = Path(run_dir)
     ckpt = find_checkpoint(run_dir, which)
@@ -140,7 +478,10 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best"):
     meta = read_meta(ckpt)
     cfg = replace(cfg, model={"pretrained": False, "weights": None})
     model = build_model(cfg.model, num_classes=meta["num_classes"], image_size=meta["image_size"])
-    sd = read_state_dict(ckpt / meta.get("eval_weights", "model.safetensors"))
+    try:
+        sd = read_state_dict(ckpt / meta.get("eval_weights", "model.safetensors"))
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(

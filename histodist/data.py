@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import random
 import re
+import signal
 import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from histodist.remote import ShardError, join_url, open_url, read_text
-from histodist.tarstream import iter_tar
+from histodist.tarstream import DigestReader, iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
@@ -46,15 +48,73 @@ class DataError(ValueError):
 
 
 def load_manifest(shards: str) -> dict:
-    """Read `manifest.json` from a shard folder or URL base (file://, http(s)://, pipe:)."""
+    """Read and check `manifest.json` of a shard folder or URL base (file://, http(s)://,
+    pipe:). Raises ShardError naming the file: missing (with the command that makes shards),
+    not JSON, or not the schema histodist.shard writes."""
     url = join_url(shards, "manifest.json")
     try:
-        manifest = json.loads(read_text(url))
+        text = read_text(url)
+    except ShardError:
+        if "://" in url or url.startswith("pipe:") or os.path.exists(url):
+            raise
+        raise ShardError(
+            f"{url}: no such file; make the shards with {_shard_hint(shards)}"
+        ) from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exn:
         raise ShardError(f"{url}: not valid JSON ({exn}); re-run histodist.shard") from exn
-    if not str(manifest.get("format", "")).startswith("histodist-shards/"):
-        raise ShardError(f"{url}: not a histodist shard manifest (format={manifest.get('format')})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardError(
+            f"{url}: not a histodist shard manifest ({problem}); re-run histodist.shard"
+        )
     return manifest
+
+
+def _shard_hint(shards: str) -> str:
+    """The histodist.shard command that writes shards to `shards` (its folder name as the
+    dataset when it is one, as in the presets' shards/<dataset>)."""
+    name = os.path.basename(os.path.normpath(shards))
+    if name == "pcam":
+        return f"`python -m histodist.shard --dataset pcam --download --out {shards}`"
+    known = ("kaggle-hcd", "idc", "breakhis", "ham10000", "folder")
+    dataset = name if name in known else "DATASET"
+    return f"`python -m histodist.shard --dataset {dataset} --src RAW_FOLDER --out {shards}`"
+
+
+def _manifest_problem(m) -> str | None:
+    """What in a parsed manifest breaks the schema the loaders rely on, or None."""
+    if not isinstance(m, dict):
+        return f"top level is a {type(m).__name__}, want an object"
+    if not str(m.get("format", "")).startswith("histodist-shards/"):
+        return f"format={m.get('format')!r}"
+    classes, splits = m.get("classes"), m.get("splits")
+    if not isinstance(classes, list) or not classes:
+        return "'classes' must be a non-empty list"
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' must be an object of splits"
+    for name, split in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            return f"{where} needs a 'shards' list"
+        if not _count(split.get("num_samples")):
+            return f"{where}.num_samples must be a non-negative integer"
+        counts = split.get("class_counts")
+        if not (isinstance(counts, list) and len(counts) == len(classes)):
+            return f"{where}.class_counts must list one count per class"
+        if not all(map(_count, counts)):
+            return f"{where}.class_counts must be non-negative integers"
+        for i, e in enumerate(split["shards"]):
+            if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"]):
+                return f"{where}.shards[{i}] needs a 'name'"
+            if not _count(e.get("num_samples")):
+                return f"{where}.shards[{i}].num_samples must be a non-negative integer"
+    return None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -97,17 +157,35 @@ def passes(items: list, rng: random.Random) -> Iterator[list]:
         yield order
 
 
-def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache_dir: str | None):
+def shard_digests(manifest: dict, split: str, shards: str) -> dict[str, str]:
+    """{shard url: sha256 recorded by histodist.shard} of a split (for verify_shards)."""
+    entries = manifest["splits"][split]["shards"]
+    return {join_url(shards, e["name"]): e["sha256"] for e in entries if e.get("sha256")}
+
+
+def shard_samples(
+    shard: tuple[str, int],
+    counts: dict,
+    *,
+    skip_bad: bool,
+    cache_dir: str | None,
+    digest: str | None = None,
+):
     """Open one shard and yield its raw samples (dict of member bytes keyed by extension).
 
     A shard that cannot be opened, is truncated, or holds fewer samples than the manifest says
     raises ShardError naming it; with `skip_bad` it is counted in counts["bad_shards"] instead
-    (samples read before the damage are kept).
+    (samples read before the damage are kept). `digest`: the manifest's sha256 of the shard,
+    checked over the bytes as they stream; a mismatch is found at the end of the shard, after
+    its samples were yielded (holding a shard back until then would cost its size in memory
+    per worker), and raises ShardError (or counts a bad shard).
     """
     url, expected = shard
     n = 0
     try:
         stream = open_url(url, cache_dir=cache_dir)
+        if digest:
+            stream = DigestReader(stream)
         try:
             files = (
                 {"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream)
@@ -115,10 +193,16 @@ def shard_samples(shard: tuple[str, int], counts: dict, *, skip_bad: bool, cache
             for sample in group_by_keys(files):
                 n += 1
                 yield sample
+            actual = stream.hexdigest() if digest else None
         finally:
             stream.close()
         if expected and n < expected:
             raise ShardError(f"{url}: {n} samples, manifest says {expected} (truncated?)")
+        if actual != digest:
+            raise ShardError(
+                f"{url}: sha256 differs from the manifest (bytes changed after histodist.shard "
+                "wrote it; its samples were read); re-create it or pass --skip-bad-shards"
+            )
     except Exception as exn:
         if not skip_bad:
             if isinstance(exn, ShardError):
@@ -254,12 +338,18 @@ def with_counts(batches: Iterable[Batch], counts: dict) -> Iterator[Batch]:
     yield {_STATS: {k: counts[k] - sent[k] for k in sent}}
 
 
-def stream_samples(source: Iterator, counts: dict, *, skip_bad: bool, cache_dir, patience: int):
-    """Raw samples of every shard `source` yields; stops an endless stream of bad shards."""
+def stream_samples(
+    source: Iterator, counts: dict, *, skip_bad: bool, cache_dir, patience: int, digests=None
+):
+    """Raw samples of every shard `source` yields; stops an endless stream of bad shards.
+    `digests`: {url: sha256} to check each shard against (verify_shards), or None."""
     empty = 0
     for shard in source:
         n = 0
-        for sample in shard_samples(shard, counts, skip_bad=skip_bad, cache_dir=cache_dir):
+        digest = digests.get(shard[0]) if digests else None
+        for sample in shard_samples(
+            shard, counts, skip_bad=skip_bad, cache_dir=cache_dir, digest=digest
+        ):
             n += 1
             yield sample
         empty = 0 if n else empty + 1
@@ -293,6 +383,7 @@ class RankStream(IterableDataset):
         image_size: tuple[int, int] | None = None,
         skip_bad_shards: bool = False,
         cache_dir: str | None = None,
+        digests: dict[str, str] | None = None,
     ):
         super().__init__()
         if not shards:
@@ -303,6 +394,7 @@ class RankStream(IterableDataset):
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
+        self.digests = digests  # {url: sha256} to check while streaming, or None
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
 
@@ -332,7 +424,8 @@ class RankStream(IterableDataset):
 
         def read(source: Iterator) -> Iterator:
             return stream_samples(source, counts, skip_bad=self.skip_bad_shards,
-                                  cache_dir=self.cache_dir, patience=patience)  # fmt: skip
+                                  cache_dir=self.cache_dir, patience=patience,
+                                  digests=self.digests)  # fmt: skip
 
         mine = split_by_rank(self.shards, self.rank, self.world_size)
         if self.steps is None:
@@ -356,6 +449,13 @@ class RankStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is one image at a time; avoid oversubscribing the cores
+    # `timeout`, `docker stop`, Kubernetes and Slurm signal the whole process group: a worker
+    # killed by SIGTERM (or SIGUSR1, whose default action also ends a process) fails the
+    # trainer before it can checkpoint. Workers ignore them; the trainer's Preemption handler
+    # saves and then shuts the workers down. (SIGINT: torch's worker loop already exits quietly.)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -439,6 +539,7 @@ def train_loader(
     prefetch_factor: int = 2,
     persistent_workers: bool = False,
     cache_dir: str | None = None,
+    verify_shards: bool = False,
 ) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
 
@@ -466,6 +567,7 @@ def train_loader(
         image_size=image_size,
         skip_bad_shards=skip_bad_shards,
         cache_dir=cache_dir,
+        digests=shard_digests(manifest, split, shards) if verify_shards else None,
     )
     return ShardLoader(
         ds,
@@ -487,6 +589,7 @@ def eval_loader(
     image_size: tuple[int, int] | None = None,
     skip_bad_shards: bool = False,
     cache_dir: str | None = None,
+    verify_shards: bool = False,
 ) -> ShardLoader:
     """Evaluation loader: over all ranks every sample of `split` exactly once, in shard order.
 
@@ -504,6 +607,7 @@ def eval_loader(
         image_size=image_size,
         skip_bad_shards=skip_bad_shards,
         cache_dir=cache_dir,
+        digests=shard_digests(manifest, split, shards) if verify_shards else None,
     )
     length = _eval_length(urls, rank, world_size, workers, batch_size)
     return ShardLoader(ds, length=length, workers=workers)

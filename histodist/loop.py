@@ -271,13 +271,15 @@ def validate(p: Parts, st: State) -> dict[str, float]:
 
 def save(p: Parts, st: State, *, improved: bool) -> None:
     meta = {**p.meta, **asdict(st), "world_size": p.accelerator.num_processes}
+    if improved:  # the state `best` points to records the value that made it best
+        meta.update(metric=p.cfg.train.metric, value=st.best)
     root = p.run_dir / "checkpoints"
     extra = {}
     if p.ema is not None:
         extra["model_ema.safetensors"] = p.ema.module.state_dict()
-    ckpt.save_last(p.accelerator, root, meta, keep_last=p.cfg.train.keep_last, extra=extra)
-    if improved:
-        ckpt.copy_to_best(p.accelerator, root, {"metric": p.cfg.train.metric, "value": st.best})
+    ckpt.save_last(
+        p.accelerator, root, meta, keep_last=p.cfg.train.keep_last, extra=extra, best=improved
+    )
 
 
 # ----------------------------------------------------------------------------- images

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from histodist.config import ModelConfig
+from histodist.config import ConfigError, ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,6 +111,28 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+LOCAL_MODELS = ("small-cnn", "resnet50-dense", "resnet152-dense")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError, with the closest known names, unless build_model accepts `name`
+    (checked before a run folder is created; timm's own error came after)."""
+    import difflib
+
+    from timm.models import is_model, parse_model_name
+
+    def known(n: str) -> bool:
+        source, arch = parse_model_name(n)
+        return source is not None or is_model(arch)  # hub names are checked when loaded
+
+    parts = name.split("+", 1) if "+" in name else [name]
+    bad = [n for n in parts if not (n in LOCAL_MODELS and len(parts) == 1 or known(n))]
+    if bad:
+        close = difflib.get_close_matches(bad[0], [*LOCAL_MODELS, *timm.list_models()], n=4)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise ConfigError(f"--model {name!r}: unknown model {bad[0]!r}; {hint}")
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, image_size: int | None = None) -> nn.Module:

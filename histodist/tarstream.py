@@ -11,6 +11,7 @@ truncated shard) raises TarStreamError.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -86,3 +87,25 @@ def _name(header: bytes) -> str:
         if prefix:
             name = f"{prefix}/{name}"
     return name
+
+
+class DigestReader:
+    """A read-only stream that hashes (sha256) the bytes read through it; `hexdigest()` reads
+    the rest of the stream first (the tar padding after the end-of-archive blocks), so that it
+    is the digest of the whole file, as `histodist.shard` recorded it in the manifest."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        self.f.close()

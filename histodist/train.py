@@ -15,7 +15,7 @@ from histodist.checkpoint import CheckpointError
 from histodist.config import Config, ConfigError, parse_args
 from histodist.data import DataError, load_manifest
 from histodist.distributed import set_cpu_threads, set_determinism
-from histodist.models import WeightsError
+from histodist.models import WeightsError, check_model_name
 from histodist.optim import global_batch, scaled_lr
 from histodist.remote import ShardError
 
@@ -34,6 +34,7 @@ EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
 def setup(cfg: Config) -> loop.Parts:
     """Resolve the config against the shards, build the Accelerator, run folder and parts."""
     set_determinism(cfg.train.deterministic)
+    check_model_name(cfg.model.model)
     manifest = load_manifest(cfg.data.shards)
     cfg = build.complete_config(cfg, manifest)
     acc, mode, msg = build.make_accelerator(cfg)

@@ -65,6 +65,35 @@ def test_validation_names_the_flag():
         parse_args(["--optimizer", "lamb"])  # argparse choices
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--log-every", "0"],
+        ["--max-bad-steps", "0"],
+        ["--checkpoint-every", "-1"],
+        ["--eval-every", "-2"],
+        ["--patience", "-1"],
+        ["--image-size", "1"],
+        ["--image-size", "7"],
+        ["--image-size", "31"],
+        ["--shuffle-buffer", "-1"],
+        ["--warmup-epochs", "-0.5"],
+        ["--min-lr-ratio", "2"],
+        ["--grad-clip", "-1"],
+    ],
+)
+def test_nonsense_ranges_are_rejected(flags):
+    with pytest.raises(ConfigError, match=flags[0]):
+        parse_args(flags)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    cfg = parse_args(["--image-size", "32", "--log-every", "1", "--max-bad-steps", "1",
+                      "--checkpoint-every", "0", "--grad-clip", "0"])  # fmt: skip
+    assert cfg.data.image_size == 32 and cfg.train.max_bad_steps == 1
+    assert parse_args(["--image-size", "0", "--dataset", "folder"]).data.image_size == 0
+
+
 def test_help_documents_every_field():
     text = build_parser().format_help()
     for section in Config().to_dict().values():

@@ -11,6 +11,7 @@ import json
 import pickle
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,35 @@ def test_manifest_errors_name_the_file(tmp_path):
         data.load_manifest(str(tmp_path / "nowhere"))
 
 
+def test_missing_manifest_says_how_to_make_shards(tmp_path):
+    with pytest.raises(ShardError, match=r"histodist.shard --dataset pcam --download --out"):
+        data.load_manifest(str(tmp_path / "pcam"))
+    with pytest.raises(ShardError, match=r"--dataset idc --src RAW_FOLDER --out .*idc`"):
+        data.load_manifest(str(tmp_path / "idc"))
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda m: [m], "top level is a list"),
+        (lambda m: m.pop("classes"), "'classes' must be a non-empty list"),
+        (lambda m: m["splits"]["train"].update(num_samples="64"), "train.num_samples"),
+        (lambda m: m["splits"]["valid"]["shards"][0].pop("name"), r"valid.shards\[0\] needs"),
+        (lambda m: m["splits"]["train"]["shards"][1].update(num_samples=-1), r"shards\[1\]"),
+        (lambda m: m["splits"]["train"].update(class_counts=[1]), "one count per class"),
+        (lambda m: m["splits"].update(train=[]), "splits.train needs a 'shards' list"),
+    ],
+)
+def test_manifest_of_the_wrong_schema_is_one_clear_error(shards, tmp_path, breakage, expected):
+    m = json.loads((Path(shards) / "manifest.json").read_text())
+    out = breakage(m)
+    (tmp_path / "manifest.json").write_text(json.dumps(out if out == [m] else m))
+    with pytest.raises(
+        ShardError, match=f"manifest.json: not a histodist shard manifest.*{expected}"
+    ):
+        data.load_manifest(str(tmp_path))
+
+
 @pytest.mark.filterwarnings("ignore:skipping")
 def test_object_npy_is_rejected_not_unpickled(tmp_path, images):
     """A .npy holding a pickled object array fails to decode (allow_pickle=False): counted."""
@@ -348,3 +378,30 @@ def test_no_resample_reads_each_sample_once_when_shards_divide_evenly(tmp_path, 
             assert len(batches) == len(loader) == 4
             keys += keys_of(batches)
         assert sorted(keys) == sorted(all_keys(str(tmp_path / "even"), "train"))
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad shard")
+def test_verify_shards_finds_bytes_flipped_inside_a_jpeg(tmp_path, images):
+    """Flipped bytes inside an image member still decode; only the manifest's sha256, checked
+    while the shard streams (verify_shards), finds them: an error, or a skipped shard."""
+    write_shards(tmp_path, images, SIZES)
+    intact = data.eval_loader(str(tmp_path), "valid", batch_size=4, rank=0, world_size=1,
+                              workers=0, verify_shards=True)  # fmt: skip
+    assert len(keys_of(intact)) == 24 and intact.stats()["bad_shards"] == 0
+    path = tmp_path / "valid-000001.tar"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\xff\xda") + 200  # inside the first JPEG's entropy-coded data
+    raw[at : at + 4] = bytes(b ^ 0x55 for b in raw[at : at + 4])
+    path.write_bytes(bytes(raw))
+
+    def read(**kw):
+        loader = data.eval_loader(str(tmp_path), "valid", batch_size=4, rank=0, world_size=1,
+                                  workers=0, **kw)  # fmt: skip
+        return keys_of(loader), loader.stats()
+
+    keys, stats = read()
+    assert len(keys) == 24 and stats == {"decode_errors": 0, "bad_shards": 0}  # silent
+    with pytest.raises(ShardError, match="valid-000001.tar: sha256 differs"):
+        read(verify_shards=True)
+    keys, stats = read(verify_shards=True, skip_bad_shards=True)
+    assert stats["bad_shards"] == 1 and len(keys) == 24  # its samples were read before the end

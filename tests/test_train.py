@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
-from histodist.checkpoint import load_run_model, read_meta
+from histodist.checkpoint import load_run_model, read_meta, states
 from histodist.config import load_config
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
@@ -197,7 +197,7 @@ def test_training_options_together(shards, tmp_path, capsys):
     assert val_steps[:3] == [3, 4, 6]  # every 3 steps and at each epoch end (step 4)
     out = capsys.readouterr().out
     assert meta["step"] == 8 or "early stop" in out
-    assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2
+    assert len(states(run_dir / "checkpoints")) <= 4  # --keep-last 3, and the best state
     assert load_config(run_dir / "config.yaml").augment.crop == 0.75
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)

@@ -76,3 +76,27 @@ def test_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, pcam_jp
     meta = json.loads((tmp_path / "runs/sig/checkpoints/last/meta.json").read_text())
     assert 0 < meta["step"] < 50 * 4 and meta["world_size"] == 2
     assert "preemption signal on another rank: saved" in log  # rank 0 never got the signal
+
+
+def test_resume_follows_the_main_process_when_a_rank_sees_no_checkpoint(tmp_path, pcam_jpeg):
+    """Rank 1 cannot see checkpoints/ (a stale view of the shared file system): it still
+    resumes from the state rank 0 chose, instead of starting fresh beside a resuming rank 0."""
+    shards = tiny_shards(tmp_path / "shards", pcam_jpeg)
+    base = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    flags = [*run_flags(shards, tmp_path / "runs", "stale"), "--epochs", "1"]
+    first = [*base, "--main_process_port", str(free_port()), "-m", "histodist.train", *flags]
+    res = run(first, timeout=400, ACCELERATE_USE_CPU="true")
+    assert res.returncode == 0, res.stderr[-4000:]
+    script = str(ROOT / "tests" / "scripts" / "stale_view.py")
+    again = [*base, "--main_process_port", str(free_port()), script, *flags[:-1], "2",
+             "--resume"]  # fmt: skip
+    res = run(again, timeout=300, ACCELERATE_USE_CPU="true")
+    assert res.returncode == 0, res.stderr[-4000:]
+    log = res.stdout + res.stderr
+    assert "resumed" in log and "epoch 2/2 step 8" in log, log[-3000:]
+    meta = json.loads((tmp_path / "runs/stale/checkpoints/last/meta.json").read_text())
+    assert meta["step"] == 8 and meta["epoch"] == 2
