@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from histodist import data
 from histodist.config import Config, ConfigError, replace, save_config
 from histodist.loop import Parts, State
 from histodist.models import build_model, model_norm, set_backbone_trainable
-from histodist.optim import build_optimizer, build_scheduler, scaled_lr
+from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
 
@@ -134,13 +133,8 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     optimizer = build_optimizer(
         model, dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, acc.num_processes))
     )
-    per_epoch = math.ceil(len(train_dl) / cfg.optim.accum_steps)
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.optim,
-        total_steps=cfg.train.epochs * per_epoch,
-        warmup_steps=round(cfg.optim.warmup_epochs * per_epoch),
-    )
+    total, warmup = schedule_length(cfg.optim, cfg.train.epochs, len(train_dl))
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total, warmup_steps=warmup)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = _ema(acc, model, cfg)
     weights = class_weights(manifest, cfg.data.train_split, n_cls).to(acc.device)
@@ -212,16 +206,14 @@ def resume_state(p: Parts) -> State:
     last = p.run_dir / "checkpoints" / "last"
     if not (p.cfg.train.resume and (last / "meta.json").is_file()):
         return State()
+    from histodist import resume
     from histodist.checkpoint import read_meta
 
+    peaks = resume.peak_lrs(p)
     p.accelerator.load_state(str(last))
     meta = read_meta(last)
-    if meta.get("world_size") != p.accelerator.num_processes:
-        p.log.print(
-            f"warning: resuming a {meta.get('world_size')}-process run with "
-            f"{p.accelerator.num_processes}: the data order differs from an uninterrupted run"
-        )
     st = State.from_meta(meta)
+    resume.adapt(p, st, meta, peaks)
     p.log.print(
         f"resumed {last} at epoch {st.epoch + 1}, batch {st.batch_in_epoch}, step {st.step}"
     )
