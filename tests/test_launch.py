@@ -26,7 +26,8 @@ STUB = """#!{python}
 import json, os, re, signal, subprocess, sys, time
 name = os.path.basename(sys.argv[0])
 keep = ("SLURM_NODEID", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-        "ACCELERATE_MIXED_PRECISION", "HISTODIST_ROOT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+        "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "HISTODIST_ROOT",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 with open(os.environ["STUB_LOG"], "a") as log:
     env = {{k: os.environ[k] for k in keep if k in os.environ}}
     log.write(json.dumps({{"cmd": name, "argv": sys.argv[1:], "env": env}}) + "\\n")
@@ -65,10 +66,10 @@ elif name == "srun":
 
 @pytest.fixture
 def stubs(tmp_path):
-    """A PATH with stub srun/scontrol/scancel/accelerate/torchrun and their log."""
+    """A PATH with stub srun/scontrol/scancel/accelerate/torchrun/python and their log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("srun", "scontrol", "scancel", "accelerate", "torchrun"):
+    for name in ("srun", "scontrol", "scancel", "accelerate", "torchrun", "python"):
         path = bin_dir / name
         path.write_text(STUB.format(python=sys.executable))
         path.chmod(0o755)
@@ -228,15 +229,25 @@ def test_sbatch_forwards_signals_and_requeues_on_time_limit(stubs, sig):
     assert requeues == ([["requeue", "1234"]] if sig == "USR1" else [])
 
 
-def test_single_gpu(stubs):
+def test_single_gpu_runs_the_trainer_itself(stubs):
+    """One process: the script execs `python -m histodist.train` (so SIGTERM reaches it, see
+    test_launch_signals.py) with the precision accelerate launch would have set."""
     env, log = stubs
     run(LAUNCH / "single_gpu.sh", {**env, "RUN_NAME": "r1"}, *USER_ARGS)
-    (call,) = calls(log, "accelerate")
+    assert calls(log, "accelerate") == []
+    (call,) = calls(log, "python")
     argv = call["argv"]
-    assert opt(argv, "--num_processes") == "1" and opt(argv, "--num_machines") == "1"
-    assert opt(argv, "--config_file") == str(LAUNCH / "accelerate_config.single_gpu.yaml")
-    assert opt(argv, "--run-name") == "r1" and "--resume" in argv
+    assert argv[:3] == ["-m", "histodist.train", "--resume"] and opt(argv, "--run-name") == "r1"
     assert tuple(argv[-len(USER_ARGS) :]) == USER_ARGS
+    assert call["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16"  # MIXED_PRECISION
+    assert "ACCELERATE_USE_CPU" not in call["env"]
+    # Without MIXED_PRECISION (and without nvidia-smi) the config file's precision applies.
+    env = {k: v for k, v in env.items() if k != "MIXED_PRECISION"}
+    run(
+        LAUNCH / "single_gpu.sh",
+        {**env, "ACCELERATE_CONFIG": str(LAUNCH / "accelerate_config.fp16.yaml")},
+    )
+    assert calls(log, "python")[1]["env"]["ACCELERATE_MIXED_PRECISION"] == "fp16"
 
 
 def test_single_node_uses_all_gpus(stubs):
@@ -254,8 +265,9 @@ def test_single_node_uses_all_gpus(stubs):
 def test_single_node_with_one_gpu_is_single_gpu(stubs):
     env, log = stubs
     run(LAUNCH / "single_node.sh", {**env, "GPUS_PER_NODE": "1"}, *USER_ARGS)
-    (call,) = calls(log, "accelerate")
-    assert opt(call["argv"], "--config_file").endswith("accelerate_config.single_gpu.yaml")
+    assert calls(log, "accelerate") == []
+    (call,) = calls(log, "python")
+    assert call["argv"][:2] == ["-m", "histodist.train"]
 
 
 def test_multi_node_plain_accelerate(stubs):
