@@ -23,6 +23,7 @@ def test_single_gpu_launcher_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, pc
         ["bash", str(ROOT / "launch" / "single_gpu.sh"),
          *run_flags(shards, tmp_path, "one"), "--epochs", "50"],
         cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # a group of its own, to clean up after a failure
     )  # fmt: skip
     metrics = tmp_path / "one" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -31,7 +32,11 @@ def test_single_gpu_launcher_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, pc
             os.kill(proc.pid, signal.SIGTERM)  # the launcher's pid only, not its group
             break
         time.sleep(0.05)
-    log, _ = proc.communicate(timeout=300)
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # e.g. a trainer left running by its launcher
+        pytest.fail("the launcher did not stop the trainer within 120 s of SIGTERM")
     assert proc.returncode == 0, log[-3000:]
     assert "SIGTERM: saved" in log, log[-3000:]
     meta = json.loads((tmp_path / "one" / "checkpoints" / "last" / "meta.json").read_text())
