@@ -1,8 +1,10 @@
 """launch/slurm/train.sbatch on a real one-node Slurm (tests/slurmkit.py), CPU only.
 
 Two training processes on one node (GPUS_PER_NODE=2, ACCELERATE_USE_CPU=true, no GPU gres)
-train on tiny real PCam shards. Once training runs, the job's time limit is cut to one minute,
-so Slurm's own time-limit warning (--signal=B:USR1@55) reaches the batch script. Checked: the
+train on tiny real PCam shards. Once training runs, the job's time limit is cut to the next
+whole minute plus one, so Slurm's own time-limit warning (--signal=B:USR1@115) is due at once
+and reaches the batch script at slurmctld's next check. The first run pauses after each step
+(tests/slurm_probe.py) so that the warning lands mid-training on any machine. Checked: the
 warning arrives, both ranks save checkpoints/last, the job requeues itself, and the requeued
 job resumes the same run and ends at the step count of an uninterrupted run. Skipped, with
 the reason, where Slurm cannot start (not root, packages missing).
@@ -23,7 +25,8 @@ from trainkit import ROOT, env, free_port, run_flags, tiny_shards
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 24  # 4 steps of 2 x 8 images per epoch: long enough for the warning to land mid-run
+EPOCHS = 12  # 4 steps of 2 x 8 images per epoch
+PAUSE = "1.5"  # s after each step of the first run: 72 s, over twice slurmctld's check period
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +46,19 @@ def job_env(tmp_path: Path) -> dict:
         MIXED_PRECISION="no",
         MAIN_PROCESS_PORT=str(free_port()),
         RUN_NAME="slurm",
+        TRAIN_MODULE="slurm_probe",
+        PROBE_STEP_PAUSE=PAUSE,
         WANDB_DIR=str(tmp_path),
     )
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"  # this accelerate
     return e
+
+
+def seconds(runtime: str) -> int:
+    """Slurm's [D-]HH:MM:SS as seconds."""
+    days, _, hms = runtime.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
 def train_lines(run_dir: Path) -> list[dict]:
@@ -70,7 +82,7 @@ def test_slurm_time_limit_checkpoints_every_rank_requeues_and_resumes(
     shards = tiny_shards(tmp_path / "shards", pcam_jpeg)
     out, run_dir = tmp_path / "job.out", tmp_path / "runs" / "slurm"
     args = ["--job-name", "hd-slurm", "--nodes", "1", "--gpus-per-node", "0",
-            "--cpus-per-task", str(os.cpu_count()), "--time", "10", "--signal", "B:USR1@55",
+            "--cpus-per-task", str(os.cpu_count()), "--time", "10", "--signal", "B:USR1@115",
             "--output", str(out), str(ROOT / "launch" / "slurm" / "train.sbatch"),
             *run_flags(shards, tmp_path / "runs", "slurm"), "--epochs", str(EPOCHS),
             "--no-resample"]  # fmt: skip
@@ -84,8 +96,10 @@ def test_slurm_time_limit_checkpoints_every_rank_requeues_and_resumes(
         assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log()[-3000:]
         time.sleep(0.5)
     assert train_lines(run_dir), f"training never started\n{log()[-3000:]}"
-    # A one-minute limit: the USR1 warning (55 s before the end) is due at once.
-    slurm.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=1")
+    # A limit 60-120 s from now: the USR1 warning (115 s before the end) is due at once, and
+    # the job has over a minute to checkpoint before Slurm would kill it.
+    elapsed = seconds(slurm.job(job)["RunTime"])
+    slurm.cmd("scontrol", "update", f"JobId={job}", f"TimeLimit={elapsed // 60 + 2}")
     info = slurm.wait(
         job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 180, "requeue"
     )
