@@ -76,6 +76,7 @@ def test_resume_at_new_world_size_ends_where_an_uninterrupted_run_ends(
     assert resumed[0]["step"] == steps_old + after
     # Every lr after the resume is the one the uninterrupted run used at the same sample.
     assert lrs(tmp_path / "b")[-after:] == pytest.approx(lrs(tmp_path / "ref")[-after:], rel=1e-6)
+    print(next(x for x in log.splitlines() if "resuming at a new layout" in x))
     print(
         f"{old}->{new} processes: resumed samples {resumed[0]['samples']} steps "
         f"{resumed[0]['step']} lr {resumed[0]['lr']:.6g}; uninterrupted ({new}) samples "
