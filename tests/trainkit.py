@@ -57,7 +57,8 @@ def env(wandb_dir: Path | None = None, **extra: str) -> dict:
         WANDB_MODE="offline",
         WANDB_SILENT="true",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT / "tests"),
+        # This checkout's package first, also for scripts run by path (sys.path[0] is theirs).
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
     )
     if wandb_dir is not None:
         e["WANDB_DIR"] = str(wandb_dir)
