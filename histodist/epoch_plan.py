@@ -129,12 +129,12 @@ def describe(plan: Plan, sizes: list[int], *, batch_size: int, steps: int, worke
     """One line: how an epoch's samples are split over ranks and workers."""
     s = plan_summary(plan, sizes)
     lo, hi = s["shards_per_rank"]
-    spread = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    used, k = s["workers_used"], max(1, workers)
+    readers = f"{k} workers" if used == k else f"{used} of {k} workers (fewer batches)"
     return (
-        f"{s['samples']:,} samples in {len(sizes)} shards -> {len(plan)} ranks x "
-        f"{s['workers_used']} of {max(1, workers)} workers: {spread} shards per rank "
-        f"({s['cut_pieces']} pieces cut by sample range), {steps} batches of {batch_size} "
-        f"per rank, {s['read']:,} samples per epoch ({s['left_out']:,} left out, "
-        f"{s['repeated']:,} read twice), read {s['read'] / s['samples']:.2f}x the split "
-        f"+ {s['skipped'] / s['samples']:.2f}x skipped ahead (seeked over in local files)"
+        f"{s['samples']:,} samples in {len(sizes)} shards -> {len(plan)} ranks x {readers}: "
+        f"{lo if lo == hi else f'{lo}-{hi}'} shards per rank ({s['cut_pieces']} cut by sample "
+        f"range), {steps} batches of {batch_size} per rank = {s['read']:,} samples per epoch "
+        f"({s['left_out']:,} left out, {s['repeated']:,} twice); reads {s['read'] / s['samples']:.2f}x "
+        f"the split, skips {s['skipped'] / s['samples']:.2f}x (a seek in local files)"
     )

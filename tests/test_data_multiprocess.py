@@ -61,7 +61,7 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path, pcam_jpeg):
             keys = [k for batches in per_rank for b in batches for k in b]
             assert sorted(keys) == sorted(every)  # every sample once, over both ranks
         assert ranks[0]["folders"][folder]["train"][0] != ranks[0]["folders"][folder]["train"][1]
-    assert "2 ranks x 2 of 2 workers" in ranks[0]["folders"][0]["describe"]
+    assert "2 ranks x 2 workers" in ranks[0]["folders"][0]["describe"]
 
     evaluated = ranks[0]["eval"] + ranks[1]["eval"]
     assert len(evaluated) == manifest["splits"]["train"]["num_samples"] == 24
