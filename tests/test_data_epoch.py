@@ -149,8 +149,8 @@ def test_describe_says_how_the_split_is_divided(shard_sets):
     loader = data.train_loader(shard_sets["one-sample-shard"], batch_size=4, rank=0,
                                world_size=3, workers=2)  # fmt: skip
     line = loader.describe()
-    for part in ("40 samples in 4 shards", "3 ranks x 2 of 2 workers", "3 batches of 4 per rank",
-                 "36 samples per epoch (4 left out, 0 read twice)"):  # fmt: skip
+    for part in ("40 samples in 4 shards", "3 ranks x 2 workers", "3 batches of 4 per rank",
+                 "36 samples per epoch (4 left out, 0 twice)"):  # fmt: skip
         assert part in line, line
     resampled = data.train_loader(shard_sets["equal"], batch_size=4, rank=0, world_size=2,
                                   workers=2, resample=True)  # fmt: skip
@@ -184,3 +184,13 @@ def test_samples_lost_to_decode_errors_are_made_up(monkeypatch, shard_sets, tmp_
     reads = Counter(k for r in ranks for b in r for k in b)
     assert len(reads) >= N - 2 - 2 and sum(reads.values()) == N
     assert not {j.split(".")[0] for j in jpgs} & set(reads)
+
+
+def test_coverage_bench_grid(capsys):
+    from histodist.bench import coverage
+
+    assert coverage.main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in coverage.LAYOUTS)
+    row = coverage.grid_row("4000 9x450", [450] * 8 + [400], world=4, workers=4, batch=32)
+    assert row["distinct"] == row["read"] == 3968 / 4000 and row["max_reads"] == 1
