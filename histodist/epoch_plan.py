@@ -60,10 +60,11 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def cut(sizes: list[int], order: list[int], begin: int, end: int) -> list[Piece]:
+def cut(sizes: list[int], order: list[int], begin: int, end: int, starts=None) -> list[Piece]:
     """Pieces covering positions begin..end-1 of the shards laid end to end in `order`
-    (positions past the total wrap around to the start)."""
-    starts = [0, *accumulate(sizes[i] for i in order)]
+    (positions past the total wrap around to the start). starts: [0, *accumulate(sizes in
+    order)], when the caller has it."""
+    starts = starts or [0, *accumulate(sizes[i] for i in order)]
     total, pieces, pos = starts[-1], [], begin
     while pos < end:
         offset = pos % total
@@ -92,12 +93,12 @@ def plan_epoch(
     order = [i for i in shard_order(len(sizes), seed, epoch) if sizes[i] > 0]
     if not order:
         raise ValueError("no samples in the shards")
-    quotas = worker_quotas(steps, workers)
+    quotas, starts = worker_quotas(steps, workers), [0, *accumulate(sizes[i] for i in order)]
     plan, begin = [], 0
     for _ in range(world_size):
         rank = []
         for q in quotas:
-            rank.append(cut(sizes, order, begin, begin + q * batch_size))
+            rank.append(cut(sizes, order, begin, begin + q * batch_size, starts))
             begin += q * batch_size
         plan.append(rank)
     return plan
