@@ -344,6 +344,8 @@ class RankStream(IterableDataset):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         # Samples per shard for the plan: the manifest's counts (from_urls passes estimates).
         self.sizes = [n for _, n in shards] if sizes is None else list(sizes)
+        if steps is not None and not resample and not any(self.sizes):
+            raise ShardError(f"no samples to plan an epoch over ({shards[0][0]}, ...)")
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
