@@ -418,9 +418,10 @@ class RankStream(IterableDataset):
         counts = {"decode_errors": 0, "bad_shards": set()}
         train = self.steps is not None
         samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size)
+        if train:  # exactly the quota's samples: batched() pulls one more before yielding a batch
+            quota = epoch_plan.worker_quotas(self.steps, workers)[worker]
+            samples = islice(samples, quota * self.batch_size)
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not train)(samples)
-        if train:
-            batches = islice(batches, epoch_plan.worker_quotas(self.steps, workers)[worker])
         yield from with_counts(batches, counts)
 
 

@@ -145,6 +145,22 @@ def test_dataloader_workers_follow_the_plan(monkeypatch, shard_sets, name, world
     assert real == simulated
 
 
+def test_workers_open_only_the_shards_of_their_plan(monkeypatch, shard_sets):
+    """No shard is opened beyond a worker's pieces (not even to fetch one sample more)."""
+    opened = []
+    real_open = data.open_url
+    monkeypatch.setattr(
+        data, "open_url", lambda url, **kw: opened.append(url) or real_open(url, **kw)
+    )
+    for rank in range(2):
+        loader = data.train_loader(shard_sets["equal"], batch_size=4, rank=rank, world_size=2,
+                                   workers=0, shuffle_buffer=8)  # fmt: skip
+        pieces = loader.dataset.plan(1)[rank][0]
+        opened.clear()
+        assert len(list(loader)) == 5
+        assert opened == [loader.dataset.shards[p.shard][0] for p in pieces]
+
+
 def test_describe_says_how_the_split_is_divided(shard_sets):
     loader = data.train_loader(shard_sets["one-sample-shard"], batch_size=4, rank=0,
                                world_size=3, workers=2)  # fmt: skip
