@@ -130,6 +130,7 @@ def loaders(acc, cfg: Config, manifest: dict):
         **common,
     )
     valid = data.eval_loader(d.shards, d.valid_split, batch_size=cfg.optim.batch_size, **common)
+    acc.print(f"data: {d.train_split}: {train.describe()}")
     return train, valid
 
 

@@ -2,8 +2,10 @@
 
 The pipeline is a list of small webdataset-style stages run inside each DataLoader worker:
 
-    shard URLs -> split by rank -> split by worker -> (resample | seeded passes) -> open + untar
-    -> group members by key -> shuffle buffer (train) -> decode to uint8 (3,H,W) -> batch
+    training: the epoch's plan (histodist.epoch_plan: sample ranges of shards per rank and
+    worker) | resampled shards -> open + untar from the range's start -> group members by key
+    -> shuffle buffer -> decode to uint8 (3,H,W) -> batch
+    evaluation: shard URLs -> split by rank -> split by worker -> open + untar -> ... -> batch
 
 Workers only read and decode; the main process receives collated uint8 batches (pinned when
 CUDA is present) and the training loop moves them with `to_device(..., non_blocking=True)`.
@@ -23,15 +25,17 @@ import random
 import re
 import signal
 import warnings
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from itertools import chain, islice
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from histodist import epoch_plan
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import DigestReader, iter_tar
 
@@ -169,27 +173,31 @@ def shard_samples(
     *,
     skip_bad: bool,
     cache_dir: str | None,
+    start: int = 0,
     digest: str | None = None,
 ):
-    """Open one shard and yield its raw samples (dict of member bytes keyed by extension).
+    """Open one shard and yield its raw samples (dict of member bytes keyed by extension),
+    from sample number `start` on (the samples before it are passed over, not decoded).
 
     A shard that cannot be opened, is truncated, or holds fewer samples than the manifest says
-    raises ShardError naming it; with `skip_bad` it is counted in counts["bad_shards"] instead
-    (samples read before the damage are kept). `digest`: the manifest's sha256 of the shard,
-    checked over the bytes as they stream; a mismatch is found at the end of the shard, after
-    its samples were yielded (holding a shard back until then would cost its size in memory
-    per worker), and raises ShardError (or counts a bad shard).
+    raises ShardError naming it; with `skip_bad` its URL joins the set counts["bad_shards"]
+    instead (samples read before the damage are kept). `digest`: the manifest's sha256 of the
+    shard, checked over the bytes as they stream (the samples before `start` are then read
+    through, not seeked over); a mismatch is found at the end of the shard, after its samples
+    were yielded (holding a shard back until then would cost its size in memory per worker),
+    and raises ShardError (or counts a bad shard). A reader that stops before the end of the
+    shard (a training worker whose sample range ends inside it) checks nothing: the worker
+    whose range holds the shard's last sample does.
     """
     url, expected = shard
-    n = 0
+    n = start
     try:
         stream = open_url(url, cache_dir=cache_dir)
         if digest:
             stream = DigestReader(stream)
         try:
-            files = (
-                {"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream)
-            )
+            members = iter_tar(stream, skip=_first_samples(start))
+            files = ({"fname": name, "data": data, "__url__": url} for name, data in members)
             for sample in group_by_keys(files):
                 n += 1
                 yield sample
@@ -211,8 +219,26 @@ def shard_samples(
                 f"bad shard {url}: {type(exn).__name__}: {exn}; re-create it or pass "
                 "--skip-bad-shards"
             ) from exn
-        counts["bad_shards"] += 1
+        counts["bad_shards"].add(url)
         warnings.warn(f"skipping bad shard {url}: {exn}", stacklevel=1)
+
+
+def _first_samples(n: int) -> Callable[[str], bool] | None:
+    """Tar member names -> True for the members of the first n samples, keyed as webdataset's
+    group_by_keys keys them (a new sample starts where the key changes)."""
+    if n <= 0:
+        return None
+    state = {"key": None, "seen": 0}
+
+    def skip(name: str) -> bool:
+        if state["seen"] > n:
+            return False
+        key, _ = base_plus_ext(name)
+        if key is not None and key != state["key"]:
+            state["key"], state["seen"] = key, state["seen"] + 1
+        return state["seen"] <= n
+
+    return skip
 
 
 _NPY_HEADER = re.compile(
@@ -329,13 +355,21 @@ def collate(samples: list[dict]) -> Batch:
 
 
 def with_counts(batches: Iterable[Batch], counts: dict) -> Iterator[Batch]:
-    """Attach the errors counted since the previous batch; a final marker carries the rest."""
-    sent = {"decode_errors": 0, "bad_shards": 0}
+    """Attach the errors counted since the previous batch (decode errors: a number, bad
+    shards: the URLs newly found bad); a final marker carries the rest."""
+    sent_errors, sent_bad = 0, set()
+
+    def news() -> dict:
+        nonlocal sent_errors, sent_bad
+        new = {"decode_errors": counts["decode_errors"] - sent_errors,
+               "bad_shards": sorted(counts["bad_shards"] - sent_bad)}  # fmt: skip
+        sent_errors, sent_bad = counts["decode_errors"], set(counts["bad_shards"])
+        return new
+
     for batch in batches:
-        batch[_STATS] = {k: counts[k] - sent[k] for k in sent}
-        sent = dict(counts)
+        batch[_STATS] = news()
         yield batch
-    yield {_STATS: {k: counts[k] - sent[k] for k in sent}}
+    yield {_STATS: news()}
 
 
 def stream_samples(
@@ -361,10 +395,14 @@ def stream_samples(
 class RankStream(IterableDataset):
     """The per-rank pipeline; each DataLoader worker runs `__iter__` on its own copy.
 
-    Training (`steps` set): shards r::world for rank r (all shards when there are fewer shards
-    than ranks), drawn per worker with a seed of (seed, epoch, rank, worker), with replacement
-    (`resample`) or as shuffled passes over the worker's share; a shuffle buffer filled to its
-    full size before the first sample; exactly `steps` batches over all workers of the rank.
+    Training (`steps` set), default: the worker reads its pieces of the epoch's plan
+    (histodist.epoch_plan, computed alike on every rank from `sizes`, seed and epoch), through
+    a shuffle buffer filled to its full size before the first sample; over all ranks and
+    workers every sample is read once except the drop-last remainder, and the rank yields
+    exactly `steps` batches. Samples lost to decode errors or skipped bad shards are made up
+    from whole shards of the split, read in passes seeded by (seed, epoch, rank, worker).
+    `resample`: shards r::world for rank r (all shards when there are fewer shards than
+    ranks), drawn with replacement per worker with that seed.
     Evaluation (`steps` None): shards r::world, then w::workers, in order, each read once; the
     last partial batch is kept.
     """
@@ -384,6 +422,7 @@ class RankStream(IterableDataset):
         skip_bad_shards: bool = False,
         cache_dir: str | None = None,
         digests: dict[str, str] | None = None,
+        sizes: list[int] | None = None,
     ):
         super().__init__()
         if not shards:
@@ -391,12 +430,41 @@ class RankStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        # Samples per shard for the plan: the manifest's counts (from_urls passes estimates).
+        self.sizes = [n for _, n in shards] if sizes is None else list(sizes)
+        if steps is not None and not resample and not any(self.sizes):
+            raise ShardError(f"no samples to plan an epoch over ({shards[0][0]}, ...)")
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
         self.digests = digests  # {url: sha256} to check while streaming, or None
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
+
+    def plan(self, workers: int, epoch: int | None = None) -> epoch_plan.Plan:
+        """The training epoch's plan[rank][worker] (the current epoch unless given)."""
+        return epoch_plan.plan_epoch(
+            self.sizes,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            steps=self.steps or 1,
+            workers=workers,
+            seed=self.seed,
+            epoch=self.epoch.value if epoch is None else epoch,
+        )
+
+    def describe(self, workers: int) -> str:
+        """One line: how the split is divided between ranks and workers."""
+        n, k = sum(self.sizes), max(1, workers)
+        if self.steps is None:
+            return (f"{n:,} samples in {len(self.shards)} shards -> {self.world_size} ranks x "
+                    f"{k} workers by whole shards, each sample once")  # fmt: skip
+        if self.resample:
+            return (f"{n:,} samples in {len(self.shards)} shards, drawn with replacement by "
+                    f"{self.world_size} ranks x {k} workers, {self.steps} batches of "
+                    f"{self.batch_size} per rank")  # fmt: skip
+        return epoch_plan.describe(self.plan(workers, epoch=0), self.sizes,
+                                   batch_size=self.batch_size, steps=self.steps, workers=workers)  # fmt: skip
 
     def _shuffled(self, samples: Iterator, tag: str) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -406,19 +474,27 @@ class RankStream(IterableDataset):
         rng = random.Random(f"shuffle/{tag}")
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
-    def _passes(self, share: list, rng: random.Random, read, tag: str) -> Iterator:
-        """Shuffled passes over share, each through its own shuffle buffer drained at the end
-        of the pass, so that a pass yields each of its samples once before the next starts."""
-        for k, order in enumerate(passes(share, rng)):
-            n = 0
-            for sample in self._shuffled(read(iter(order)), f"{tag}/{k}"):
-                n += 1
-                yield sample
-            if n == 0:
-                raise ShardError(f"no readable samples in {len(order)} shards ({order[0][0]}, ...)")
+    def _read_pieces(self, pieces: list[epoch_plan.Piece], counts: dict) -> Iterator:
+        """Raw samples of each piece: its shard from `start` on, closed after `stop`. With
+        verify_shards, a piece that ends at its shard's end reads on to the end of the file
+        so that the shard's digest is checked."""
+        for p in pieces:
+            url = self.shards[p.shard][0]
+            digest = self.digests.get(url) if self.digests else None
+            samples = shard_samples(self.shards[p.shard], counts, skip_bad=self.skip_bad_shards,
+                                    cache_dir=self.cache_dir, start=p.start, digest=digest)  # fmt: skip
+            with closing(samples):
+                if not (digest and self.sizes and p.stop >= self.sizes[p.shard]):
+                    yield from islice(samples, len(p))
+                    continue
+                yield from islice(samples, len(p) - 1)
+                last = next(samples, None)
+                next(samples, None)  # the end-of-shard checks, digest included, run here:
+                if last is not None:  # before the last sample, after which a worker may stop
+                    yield last
 
     def _raw_samples(self, worker: int, workers: int, counts: dict) -> Iterator:
-        """This worker's raw samples: its shards in order (eval) or a shuffled stream (train)."""
+        """This worker's raw samples: its shards in order (eval) or its training stream."""
         tag = f"{self.seed}/{self.epoch.value}/{self.rank}/{worker}"
         patience = 10 * len(self.shards) + 10
 
@@ -430,20 +506,23 @@ class RankStream(IterableDataset):
         mine = split_by_rank(self.shards, self.rank, self.world_size)
         if self.steps is None:
             return read(iter(mine[worker::workers]))
-        pool, rng = mine or self.shards, random.Random(f"shards/{tag}")
+        rng = random.Random(f"shards/{tag}")
         if self.resample:
-            return self._shuffled(read(resampled(pool, rng)), tag)
-        return self._passes(pool[worker::workers] or pool, rng, read, tag)
+            return self._shuffled(read(resampled(mine or self.shards, rng)), tag)
+        pieces = self.plan(workers)[self.rank][worker]
+        planned = self._shuffled(self._read_pieces(pieces, counts), tag)
+        # Read only when samples went missing (decode errors, bad shards, from_urls estimates).
+        return chain(planned, read(chain.from_iterable(passes(self.shards, rng))))
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = worker_context()
-        counts = {"decode_errors": 0, "bad_shards": 0}
+        counts = {"decode_errors": 0, "bad_shards": set()}
         train = self.steps is not None
         samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size)
+        if train:  # exactly the quota's samples: batched() pulls one more before yielding a batch
+            quota = epoch_plan.worker_quotas(self.steps, workers)[worker]
+            samples = islice(samples, quota * self.batch_size)
         batches = wds.batched(self.batch_size, collation_fn=collate, partial=not train)(samples)
-        if train:
-            quota = self.steps // workers + (worker < self.steps % workers)
-            batches = islice(batches, quota)
         yield from with_counts(batches, counts)
 
 
@@ -470,8 +549,8 @@ class ShardLoader:
         prefetch_factor: int = 2,
         persistent_workers: bool = False,
     ):
-        self.dataset, self.length = dataset, length
-        self._stats = {"decode_errors": 0, "bad_shards": 0}
+        self.dataset, self.length, self.workers = dataset, length, workers
+        self._errors, self._bad = 0, set()  # decode errors, URLs of bad shards skipped
         multi = workers > 0
         self.loader = DataLoader(
             dataset,
@@ -490,15 +569,21 @@ class ShardLoader:
         self.dataset.epoch.value = epoch
 
     def stats(self) -> dict:
-        """{"decode_errors": n, "bad_shards": n} of the last (or current) epoch."""
-        return dict(self._stats)
+        """{"decode_errors": n, "bad_shards": n} of the last (or current) epoch; a bad shard
+        counts once, however many workers and passes met it."""
+        return {"decode_errors": self._errors, "bad_shards": len(self._bad)}
+
+    def describe(self) -> str:
+        """One line: shards per rank, workers used, samples per epoch (see RankStream)."""
+        return self.dataset.describe(self.workers)
 
     def __iter__(self) -> Iterator[Batch]:
-        self._stats = {"decode_errors": 0, "bad_shards": 0}
+        self._errors, self._bad = 0, set()
         try:
             for item in self.loader:
-                for k, v in item.pop(_STATS, {}).items():
-                    self._stats[k] += int(v)
+                news = item.pop(_STATS, {})
+                self._errors += int(news.get("decode_errors", 0))
+                self._bad.update(news.get("bad_shards", ()))
                 if "image" in item:
                     yield item
         except (ShardError, DataError) as exn:
@@ -507,11 +592,10 @@ class ShardLoader:
             raise type(exn)(
                 last.split("Error: ", 1)[-1] if "Traceback" in str(exn) else last
             ) from exn
-        if any(self._stats.values()):
+        if self._errors or self._bad:
             log.warning(
                 "histodist.data: epoch %d: %d samples failed to decode and were skipped, "
-                "%d bad shards skipped", self.dataset.epoch.value, self._stats["decode_errors"],
-                self._stats["bad_shards"],
+                "%d bad shards skipped", self.dataset.epoch.value, self._errors, len(self._bad),
             )  # fmt: skip
 
 
@@ -543,14 +627,14 @@ def train_loader(
 ) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
 
-    resample=False (default): each worker walks shuffled passes over its own share of the
-    rank's shards (one shuffle buffer per pass); when the shards divide evenly
-    over ranks x workers and the batch size divides a worker's share, every sample is read
-    exactly once per epoch. Otherwise a worker may start a second pass (repeating some samples)
-    or stop before the end of its pass (skipping some) this epoch: the step count is fixed so
-    that DDP never waits on a rank that ran out of data. resample=True: each worker draws its
-    rank's shards with replacement, seeded by (seed, epoch, rank, worker), as webdataset's
-    ResampledShards; only for sets of many shards: with 8 shards an epoch reads ~2/3 of them.
+    resample=False (default): the epoch's plan (histodist.epoch_plan) gives each rank and
+    worker sample ranges of the shards, from the manifest's per-shard counts: whatever the
+    numbers of shards, ranks and workers, an epoch reads every sample once except the
+    drop-last remainder (fewer than world x batch samples), and the same (seed, epoch, world,
+    workers) give the same order. `describe()` says how the split is divided.
+    resample=True: each worker draws its rank's shards with replacement, seeded by (seed,
+    epoch, rank, worker), as webdataset's ResampledShards; only for sets of many shards: with
+    8 shards an epoch reads ~2/3 of them.
     """
     manifest = load_manifest(shards)
     urls = split_shards(manifest, split, shards)
@@ -634,13 +718,18 @@ def from_urls(
     """A loader over shards named directly, without a manifest: a list, or webdataset's
     brace / `::` notation ("pipe:aws s3 cp s3://b/pcam/train-{000000..000007}.tar -").
 
-    `num_samples` (the total over the shards) sets the training step count; for evaluation,
-    where per-shard counts are unknown, `len()` assumes equal shards and the truncation check
-    against the manifest is off.
+    `num_samples` (the total over the shards) sets the training step count. Per-shard counts
+    are unknown, so the plans assume equal shards (num_samples spread evenly): the training
+    plan is exact when the shards are equal; otherwise a worker whose range runs past the end
+    of a smaller shard makes up its batches from whole shards (repeating a few samples) and
+    the tail of a larger one is not read. For evaluation `len()` assumes equal shards; the
+    truncation check against the manifest is off.
     """
     expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
     per_shard = num_samples / max(1, len(expanded))
     shards = [(u, 0) for u in expanded]
+    even = [num_samples // len(expanded) + (i < num_samples % len(expanded))
+            for i in range(len(expanded))]  # fmt: skip
     steps = steps_per_epoch(num_samples, world_size, batch_size) if train else None
     ds = RankStream(
         shards,
@@ -654,6 +743,7 @@ def from_urls(
         image_size=image_size,
         skip_bad_shards=skip_bad_shards,
         cache_dir=cache_dir,
+        sizes=even,
     )
     if train:
         length = steps

@@ -36,6 +36,11 @@ from histodist.version import version_string
 FORMAT = "histodist-shards/1"
 SHARD_BYTES = 256 << 20  # default target: inside the 100-500 MB range WebDataset readers like
 MIN_SHARDS = 8  # small splits are still cut into 8 shards so ranks x loader workers all get some
+# A typical node's shard readers: 8 GPUs x 4 loader workers. With fewer shards the training
+# loader cuts shards between readers by sample range (every sample is still read once per
+# epoch), and a reader passes over the part of a shard before its range: a seek in local
+# files, bytes streamed through for http / pipe: shards without --cache-dir.
+NODE_READERS = 32
 SAMPLE_OVERHEAD = 2048  # tar headers of 3 members, padding and the .json sidecar
 
 
@@ -111,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"histodist.shard: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     _print_summary(manifest, args.out)
+    warning = few_shards_warning(manifest)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
@@ -186,8 +194,17 @@ def check_groups(splits: dict[str, list[Item]], official: set[str]) -> None:
             raise ShardError(msg)
 
 
+def shard_sizes(num_items: int, per_shard: int) -> list[int]:
+    """Balanced shard sizes: as few shards as hold at most per_shard samples each, sizes
+    differing by at most one (9,039 per shard over 262,144 samples: 30 shards of 8,738-8,739,
+    not 29 of 9,039 and one of 13)."""
+    k = math.ceil(num_items / per_shard)
+    return [num_items // k + (i < num_items % k) for i in range(k)]
+
+
 def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> int:
-    """--samples-per-shard, or ~SHARD_BYTES per shard but at least MIN_SHARDS per split."""
+    """At most this many samples per shard: --samples-per-shard, or ~SHARD_BYTES per shard
+    but at least MIN_SHARDS per split."""
     if requested is not None:
         if requested < 1:
             raise ShardError("--samples-per-shard must be >= 1")
@@ -207,13 +224,15 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
     stats_split = "train" if "train" in splits else next(iter(splits))
     tasks = []
     for split, items in splits.items():
-        n = samples_per_shard(scan, items, args.samples_per_shard)
-        for i in range(0, len(items), n):
+        start = 0
+        for i, size in enumerate(
+            shard_sizes(len(items), samples_per_shard(scan, items, args.samples_per_shard))
+        ):
             tasks.append(
                 ShardTask(
                     str(out),
-                    f"{split}-{i // n:06d}.tar",
-                    items[i : i + n],
+                    f"{split}-{i:06d}.tar",
+                    items[start : start + size],
                     scan.reader,
                     scan.classes,
                     args.encoding,
@@ -221,7 +240,25 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
                     stats=split == stats_split,
                 )
             )
+            start += size
     return tasks
+
+
+def few_shards_warning(manifest: dict) -> str | None:
+    """One line when splits have fewer shards than a node's NODE_READERS readers."""
+    splits = manifest["splits"]
+    few = [k for k, s in splits.items() if len(s["shards"]) < NODE_READERS]
+    if not few:
+        return None
+    listed = ", ".join(f"{k} {len(splits[k]['shards'])}" for k in few)
+    n = splits[few[0]]["num_samples"]
+    per_shard = max(1, n // NODE_READERS)
+    return (
+        f"histodist.shard: warning: shards per split: {listed}, fewer than {NODE_READERS} "
+        "(8 GPUs x 4 loader workers), so readers share shards and pass over the part before "
+        f"theirs; --samples-per-shard {per_shard} gives {few[0]} "
+        f"{len(shard_sizes(n, per_shard))} shards"
+    )
 
 
 def write_all(tasks: list[ShardTask], workers: int) -> dict[str, dict]:

@@ -6,13 +6,15 @@ JPEG decode itself (`python -m histodist.bench loader` shows the figures). Shard
 ustar/GNU/pax archives written by webdataset's TarWriter or `tar`, so reading the 512-byte
 headers directly is enough: regular files are yielded, directories and links skipped, GNU long
 names and pax `path` records honoured, every header checksum verified, and a short read (a
-truncated shard) raises TarStreamError.
+truncated shard) raises TarStreamError. A member that `skip(name)` rejects is passed over without
+being read: seeked over where the stream can seek (local and cached files), read and dropped
+in chunks otherwise; a training worker uses it to start reading a shard at a sample offset.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 BLOCK = 512
@@ -52,9 +54,11 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, content) of each regular file of the tar stream f, in order."""
+def iter_tar(f: BinaryIO, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, content) of each regular file of the tar stream f, in order; members whose
+    name `skip` accepts are passed over (not yielded, their content not read)."""
     long_name: str | None = None
+    seekable = bool(getattr(f, "seekable", None) and f.seekable())
     while True:
         header = f.read(BLOCK)
         if not header or header == bytes(BLOCK):
@@ -65,19 +69,38 @@ def iter_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise TarStreamError("bad tar header checksum (damaged shard?)")
         size, kind = _octal(header[124:136]), header[156:157]
-        data = _read_exact(f, size, "a tar member") if size else b""
-        if size % BLOCK:
-            _read_exact(f, BLOCK - size % BLOCK, "tar padding")
+        padded = size + (-size % BLOCK)
+        if kind in (b"0", b"\0", b"7"):
+            name = long_name or _name(header)
+            long_name = None
+            if skip is not None and skip(name):
+                _pass_over(f, padded, seekable)
+                continue
+            yield name, _read_member(f, size, padded)
+            continue
+        data = _read_member(f, size, padded)
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8")
         elif kind == b"x":
             long_name = _pax_path(data) or long_name
-        elif kind in (b"0", b"\0", b"7"):
-            name = long_name or _name(header)
-            long_name = None
-            yield name, data
         else:  # directories, links, global pax headers: nothing to read
             long_name = None if kind != b"g" else long_name
+
+
+def _read_member(f: BinaryIO, size: int, padded: int) -> bytes:
+    data = _read_exact(f, size, "a tar member") if size else b""
+    if padded > size:
+        _read_exact(f, padded - size, "tar padding")
+    return data
+
+
+def _pass_over(f: BinaryIO, n: int, seekable: bool) -> None:
+    """Move n bytes forward: a seek where possible, else reads of at most 1 MiB dropped."""
+    if seekable:
+        f.seek(n, 1)  # a seek past the end is caught at the next header read
+        return
+    while n > 0:
+        n -= len(_read_exact(f, min(n, 1 << 20), "a skipped tar member"))
 
 
 def _name(header: bytes) -> str:

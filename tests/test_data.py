@@ -238,11 +238,11 @@ def test_truncated_or_missing_shard_fails_naming_it(shards, tmp_path):
                 str(tmp_path / "t"), batch_size=4, rank=0, world_size=1, workers=0, resample=False
             )
         )
-    loader = data.train_loader(
-        str(tmp_path / "t"), batch_size=4, rank=0, world_size=1, workers=0, skip_bad_shards=True
-    )
-    assert len(list(loader)) == len(loader) == 6
-    assert loader.stats()["bad_shards"] >= 1
+    for workers in (0, 2):  # met by the plan and again by the passes that make up its samples
+        loader = data.train_loader(str(tmp_path / "t"), batch_size=4, rank=0, world_size=1,
+                                   workers=workers, skip_bad_shards=True)  # fmt: skip
+        assert len(list(loader)) == len(loader) == 6
+        assert loader.stats()["bad_shards"] == 1  # one shard, counted once
 
 
 class _Boom:
@@ -405,3 +405,27 @@ def test_verify_shards_finds_bytes_flipped_inside_a_jpeg(tmp_path, images):
         read(verify_shards=True)
     keys, stats = read(verify_shards=True, skip_bad_shards=True)
     assert stats["bad_shards"] == 1 and len(keys) == 24  # its samples were read before the end
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad shard")
+def test_verify_shards_in_training_checks_shards_cut_between_workers(tmp_path, images):
+    """Training workers read shards by sample ranges; the worker whose range ends a shard reads
+    on to its end, so every shard's digest is still checked (here with two worker processes)."""
+    write_shards(tmp_path, images, SIZES)
+    path = tmp_path / "train-000001.tar"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\xff\xda") + 200
+    raw[at : at + 4] = bytes(b ^ 0x55 for b in raw[at : at + 4])
+    path.write_bytes(bytes(raw))
+
+    def read(**kw):
+        loader = data.train_loader(str(tmp_path), "train", batch_size=4, rank=0, world_size=1,
+                                   workers=2, shuffle_buffer=0, **kw)  # fmt: skip
+        return keys_of(loader), loader.stats()
+
+    keys, stats = read()
+    assert len(keys) == 24 and stats["bad_shards"] == 0  # flipped bytes decode silently
+    with pytest.raises(ShardError, match="train-000001.tar: sha256 differs"):
+        read(verify_shards=True)
+    keys, stats = read(verify_shards=True, skip_bad_shards=True)
+    assert stats["bad_shards"] == 1 and len(keys) == 24

@@ -1,7 +1,9 @@
-"""Uneven shards (3) over 2 ranks x 2 workers through a real `accelerate launch`.
+"""Uneven shards over 2 ranks x 2 workers through a real `accelerate launch`.
 
 One launch covers both contracts: every rank yields the same fixed number of training batches
-(so DDP never hangs) from its own shards, and evaluation sees every sample exactly once.
+(so DDP never hangs) and over the ranks an epoch reads every sample once, with fewer shards
+than ranks x workers and a 1-sample shard (1, 15, 8) and with fewer shards than ranks (one
+shard of 24); evaluation sees every sample exactly once.
 """
 
 from __future__ import annotations
@@ -33,34 +35,36 @@ def shard_keys(shards: Path, name: str) -> set[str]:
 
 @pytest.mark.slow
 def test_two_ranks_two_workers_uneven_shards(tmp_path, pcam_jpeg):
-    shards = tmp_path / "shards"
-    manifest = write_shards(shards, {"train": pcam_images(pcam_jpeg, "train", 12)}, [10, 8, 6])
+    images = {"train": pcam_images(pcam_jpeg, "train", 12)}
+    manifest = write_shards(tmp_path / "uneven", images, [1, 15, 8])
+    write_shards(tmp_path / "one", images, [24])
     out = tmp_path / "ranks.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(SCRIPT), str(shards), str(out), "2"]  # fmt: skip
+           str(SCRIPT), str(out), "2", str(tmp_path / "uneven"), str(tmp_path / "one")]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
-    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}
 
-    steps = data.steps_per_epoch(24, 2, 4)
     names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
-    own = [
-        shard_keys(shards, names[0]) | shard_keys(shards, names[2]),
-        shard_keys(shards, names[1]),
-    ]
-    for r in ranks:  # fixed steps, full batches, only the rank's own shards (0,2 | 1)
-        assert r["train_len"] == steps
-        for epoch in r["train"]:
-            assert len(epoch) == steps and all(len(b) == 4 for b in epoch)
-            assert {k for b in epoch for k in b} <= own[r["rank"]]
-        assert r["train"][0] != r["train"][1]  # reshuffled per epoch
+    every = set().union(*(shard_keys(tmp_path / "uneven", n) for n in names))
+    steps = data.steps_per_epoch(24, 2, 4)  # 3 x 2 ranks x 4 = 24: no drop-last remainder
+    for folder in range(2):
+        for epoch in range(2):
+            per_rank = [r["folders"][folder]["train"][epoch] for r in ranks]
+            for r, batches in zip(ranks, per_rank, strict=True):
+                assert r["folders"][folder]["train_len"] == len(batches) == steps
+                assert all(len(b) == 4 for b in batches)
+            keys = [k for batches in per_rank for b in batches for k in b]
+            assert sorted(keys) == sorted(every)  # every sample once, over both ranks
+        assert ranks[0]["folders"][folder]["train"][0] != ranks[0]["folders"][folder]["train"][1]
+    assert "2 ranks x 2 workers" in ranks[0]["folders"][0]["describe"]
 
     evaluated = ranks[0]["eval"] + ranks[1]["eval"]
     assert len(evaluated) == manifest["splits"]["train"]["num_samples"] == 24
     assert not [k for k, n in Counter(evaluated).items() if n > 1]
-    assert set(evaluated) == set().union(*(shard_keys(shards, n) for n in names))
-    assert set(ranks[1]["eval"]) == own[1]  # rank 1 read shard 1 only
+    assert set(evaluated) == every
+    assert set(ranks[1]["eval"]) == shard_keys(tmp_path / "uneven", names[1])  # shard 1 only

@@ -58,3 +58,41 @@ def test_damaged_header_raises():
     data[10] ^= 0xFF  # a byte of the first member's name
     with pytest.raises(TarStreamError, match="checksum"):
         list(iter_tar(io.BytesIO(bytes(data))))
+
+
+class _Counting(io.RawIOBase):
+    """A stream over bytes that counts what is read; seekable or not."""
+
+    def __init__(self, data: bytes, seekable: bool):
+        self.buf, self.can_seek, self.read_bytes = io.BytesIO(data), seekable, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.can_seek
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        assert self.can_seek
+        return self.buf.seek(offset, whence)
+
+    def readinto(self, b) -> int:
+        n = self.buf.readinto(b)
+        self.read_bytes += n
+        return n
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("seekable", [True, False])
+def test_skipped_members_are_passed_over(fmt, seekable):
+    names = [f"s{i:02d}.bin" for i in range(12)] + ([LONG] if fmt != tarfile.USTAR_FORMAT else [])
+    data = make_tar(fmt, names)
+    whole = _Counting(data, seekable)
+    assert list(iter_tar(whole)) == reference(data)
+    stream = _Counting(data, seekable)
+    got = list(iter_tar(stream, skip=lambda name: name < "s10"))
+    assert got == [m for m in reference(data) if m[0] >= "s10"]
+    if seekable:  # the skipped payloads (~12 KB of the archive) were seeked over, not read
+        assert stream.read_bytes < whole.read_bytes - 11_000
+    else:  # streamed through and dropped
+        assert stream.read_bytes == whole.read_bytes

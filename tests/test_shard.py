@@ -41,7 +41,7 @@ def test_folder_readback_tarfile_webdataset_timm(tmp_path, pcam_jpeg):
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["class_counts"] == [6, 6]
     assert m["splits"]["valid"]["class_counts"] == [3, 3]
-    assert [s["num_samples"] for s in m["splits"]["train"]["shards"]] == [5, 5, 2]
+    assert [s["num_samples"] for s in m["splits"]["train"]["shards"]] == [4, 4, 4]  # balanced
     assert m["image"] == {"height": 96, "width": 96, "mode": "RGB"} and m["encoding"] == "original"
     assert all(0.3 < v < 0.9 for v in m["mean"]) and all(0.1 < v < 0.4 for v in m["std"])
     assert m["command"].startswith("python -m histodist.shard --dataset folder")
@@ -61,7 +61,7 @@ def test_folder_readback_tarfile_webdataset_timm(tmp_path, pcam_jpeg):
     ds = timm.data.create_dataset("wds/x", root=str(out), split="valid")
     assert sorted(t for _, t in ds) == [0, 0, 0, 1, 1, 1]
     info = json.loads((out / "_info.json").read_text())
-    assert info["splits"]["train"]["shard_lengths"] == [5, 5, 2]
+    assert info["splits"]["train"]["shard_lengths"] == [4, 4, 4]
 
 
 def test_pcam_h5_gz_png_roundtrip(tmp_path, pcam_jpeg):
@@ -275,3 +275,25 @@ def test_group_in_two_splits(capsys):
         shard.check_groups({"train": [a], "valid": [b]}, official=set())
     shard.check_groups({"train": [a], "valid": [b]}, official={"train", "valid"})
     assert "warning: official splits share a group" in capsys.readouterr().err
+
+
+def test_shard_sizes_are_balanced():
+    assert shard.shard_sizes(262_144, 9_039) == [8_739] * 4 + [8_738] * 26  # not 29 + one of 13
+    assert shard.shard_sizes(12, 5) == [4, 4, 4] and shard.shard_sizes(3, 10) == [3]
+    for n, per in [(1, 1), (7, 2), (1000, 999), (4000, 450)]:
+        sizes = shard.shard_sizes(n, per)
+        assert sum(sizes) == n and max(sizes) <= per and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-n // per)
+
+
+def test_few_shards_warning_is_one_line(tmp_path, pcam_jpeg, capsys):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=6)
+    assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "o", "--workers", 1) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "histodist.shard:" in line]
+    assert err == [
+        "histodist.shard: warning: shards per split: train 1, valid 1, fewer than 32 (8 GPUs x "
+        "4 loader workers), so readers share shards and pass over the part before theirs; "
+        "--samples-per-shard 1 gives train 12 shards"
+    ]
+    m = {"splits": {s: {"num_samples": 40 * 64, "shards": [{}] * 40} for s in ("train", "valid")}}
+    assert shard.few_shards_warning(m) is None
