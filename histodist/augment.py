@@ -220,11 +220,6 @@ def hed_jitter(
 _GRAY = (0.299, 0.587, 0.114)
 
 
-def _gray(x: Tensor) -> Tensor:
-    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
 def _hue_matrix(angle: Tensor) -> Tensor:
     """(B,3,3) RGB maps rotating hue by per-sample angles (radians) in YIQ space."""
     to_yiq = torch.tensor(

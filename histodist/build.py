@@ -30,7 +30,7 @@ class TrainError(RuntimeError):
 
 def make_accelerator(cfg: Config):
     """The only Accelerator: precision, W&B (main process only), DDP options.
-    Returns (accelerator, use_wandb, message or None)."""
+    Returns (accelerator, W&B mode "online" | "offline" | "disabled", message or None)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mode, msg = resolve_wandb_mode(cfg.log.wandb)
