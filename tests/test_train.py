@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
-from histodist.checkpoint import load_run_model, read_meta, states
+from histodist.checkpoint import STEP, load_run_model, read_meta, states
 from histodist.config import load_config
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
@@ -154,7 +154,7 @@ def test_accelerate_config_is_a_multi_gpu_bf16_config():
     assert c.num_machines == 1 and not c.use_cpu
 
 
-def test_training_options_together(shards, tmp_path, capsys):
+def test_training_options_together(shards, tmp_path):
     """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
     validation and checkpoints, early stopping, a centre crop: one short run through the
     real loop."""
@@ -195,9 +195,17 @@ def test_training_options_together(shards, tmp_path, capsys):
     assert steps[:4] == [1, 2, 3, 4]  # 8 micro-batches per epoch -> 4 optimizer steps
     val_steps = [x["step"] for x in _lines(run_dir) if "val/auc" in x]
     assert val_steps[:3] == [3, 4, 6]  # every 3 steps and at each epoch end (step 4)
-    out = capsys.readouterr().out
-    assert meta["step"] == 8 or "early stop" in out
-    assert len(states(run_dir / "checkpoints")) <= 4  # --keep-last 3, and the best state
+    # The first validation (step 3) always improves, so after epoch 1 at most one validation
+    # is stale (< --patience 2): early stopping cannot end the run before its last epoch.
+    assert meta["step"] == 8
+    # states at steps 2 (--checkpoint-every), 3, 4, 6, 8 (validations); --keep-last 3 keeps
+    # the newest three and the best one
+    ckpts = run_dir / "checkpoints"
+    best = read_meta(ckpts / "best")["step"]
+    assert best in (3, 4, 6, 8) and meta["best_step"] == best
+    assert {p.name for p in states(ckpts)} == {STEP.format(s) for s in {4, 6, 8, best}}
+    assert (ckpts / "last").resolve().name == STEP.format(8)
+    assert (ckpts / "best").resolve().name == STEP.format(best)
     assert load_config(run_dir / "config.yaml").augment.crop == 0.75
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
