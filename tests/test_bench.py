@@ -42,6 +42,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_bench_all_quick_report(tiny_pcam, tmp_path):
     data, shards = tiny_pcam
     out = tmp_path / "report.json"

@@ -67,6 +67,7 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
     run_dir_a = run_a[0]
     args = [
@@ -154,6 +155,7 @@ def test_accelerate_config_is_a_multi_gpu_bf16_config():
     assert c.num_machines == 1 and not c.use_cpu
 
 
+@pytest.mark.slow
 def test_training_options_together(shards, tmp_path):
     """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
     validation and checkpoints, early stopping, a centre crop: one short run through the
