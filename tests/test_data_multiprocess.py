@@ -7,7 +7,6 @@ One launch covers both contracts: every rank yields the same fixed number of tra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from shardkit import pcam_images, write_shards
-from trainkit import free_port
+from trainkit import accelerate_cpu_env, free_port
 
 from histodist import data
 
@@ -40,8 +39,9 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path, pcam_jpeg):
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(SCRIPT), str(shards), str(out), "2"]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=accelerate_cpu_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]

@@ -64,6 +64,23 @@ def env(wandb_dir: Path | None = None, **extra: str) -> dict:
     return e
 
 
+def subprocess_env(*, drop: tuple[str, ...] = (), **extra: str) -> dict:
+    """os.environ without the variables whose names start with `drop`, one compute thread per
+    process (2 cores are shared by every process of a test), then `extra`."""
+    e = (
+        {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        if drop
+        else dict(os.environ)
+    )
+    e["OMP_NUM_THREADS"] = "1"
+    return {**e, **extra}
+
+
+def accelerate_cpu_env(**extra: str) -> dict:
+    """The environment of an `accelerate launch --multi_gpu` of CPU processes (gloo)."""
+    return subprocess_env(ACCELERATE_USE_CPU="true", **extra)
+
+
 def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "histodist.train", *args]
 
@@ -75,6 +92,8 @@ def run(args: list[str], *, wandb_dir: Path | None = None, timeout: int = 560, *
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a rendezvous, or a refused
+    connection)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
