@@ -1,4 +1,4 @@
-"""Build a training session from a Config: Accelerator, run folder, loaders, model, optimizer.
+"""Build a training run from a Config: Accelerator, run folder, loaders, model, optimizer.
 
 Each builder is small and called once by histodist.train.run(); nothing here trains.
 """
