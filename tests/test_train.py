@@ -232,3 +232,21 @@ def test_val_tta_scores_validation_as_evaluate_tta_does(shards, tmp_path):
     assert val["val/auc"] == pytest.approx(m8["auc"], abs=1e-5)
     assert val["val/accuracy"] == pytest.approx(m8["accuracy"], abs=1e-6)
     assert m1["auc"] != pytest.approx(m8["auc"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_patience_stops_after_that_many_validations_without_improvement(
+    shards, tmp_path, monkeypatch, capsys
+):
+    """A metric that never improves after the first validation: with --patience 1 the run stops
+    at the end of epoch 2 of 3 (step 16), and best stays the first validation's state."""
+    from histodist import loop
+
+    monkeypatch.setattr(loop, "is_better", lambda value, best: best is None)
+    args = [*run_flags(shards, tmp_path, "es"), "--epochs", "3", "--patience", "1"]
+    assert train.main(args) == 0
+    ckpts = tmp_path / "es" / "checkpoints"
+    assert "early stop: no auc improvement in 1 validations" in capsys.readouterr().out
+    assert read_meta(ckpts / "last")["step"] == 16  # 8 steps per epoch, epoch 3 never ran
+    assert read_meta(ckpts / "best")["step"] == 8
+    assert [x["step"] for x in _lines(tmp_path / "es") if "val/auc" in x] == [8, 16]
