@@ -44,9 +44,10 @@ SHORT_FLAGS = [  # the measured command of docs/experiments.md ("Short budget")
 ]
 
 
-def test_recipe_short_is_the_measured_command():
+def test_recipe_short_is_the_measured_command(tmp_path):
     cfg = parse_args(["--recipe", "short"])
     assert cfg.train.recipe == "short"
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg  # a run reloads it
     assert replace(cfg, train={"recipe": "none"}) == parse_args(SHORT_FLAGS)
     assert parse_args([]).train.recipe == "none" and RECIPES["none"] == {}
 

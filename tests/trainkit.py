@@ -50,35 +50,29 @@ def tiny_shards(
     return out
 
 
-def env(wandb_dir: Path | None = None, **extra: str) -> dict:
-    e = dict(os.environ, **extra)
-    e.update(
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT / "tests"),
-    )
-    if wandb_dir is not None:
-        e["WANDB_DIR"] = str(wandb_dir)
-    return e
-
-
-def subprocess_env(*, drop: tuple[str, ...] = (), **extra: str) -> dict:
-    """os.environ without the variables whose names start with `drop`, one compute thread per
-    process (2 cores are shared by every process of a test), then `extra`."""
-    e = (
-        {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        if drop
-        else dict(os.environ)
-    )
-    e["OMP_NUM_THREADS"] = "1"
-    return {**e, **extra}
+def subprocess_env(**extra: str) -> dict:
+    """os.environ with one compute thread per process (the cores are shared by every process
+    of a test), then `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
 def accelerate_cpu_env(**extra: str) -> dict:
     """The environment of an `accelerate launch --multi_gpu` of CPU processes (gloo)."""
     return subprocess_env(ACCELERATE_USE_CPU="true", **extra)
+
+
+def env(wandb_dir: Path | None = None, **extra: str) -> dict:
+    """The environment of a training subprocess: offline hub and W&B, tests/ importable."""
+    e = subprocess_env(**extra)
+    e.update(
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONPATH=str(ROOT / "tests"),
+    )
+    if wandb_dir is not None:
+        e["WANDB_DIR"] = str(wandb_dir)
+    return e
 
 
 def train_cmd(*args: str) -> list[str]:
