@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from histodist.checkpoint import STEP
 from histodist.config import Config, ConfigError, replace, save_config
 from histodist.loop import Parts, State
 from histodist.models import build_model, model_norm, set_backbone_trainable
-from histodist.optim import build_optimizer, build_scheduler, scaled_lr
+from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
 
@@ -154,13 +153,8 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     optimizer = build_optimizer(
         model, dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, acc.num_processes))
     )
-    per_epoch = math.ceil(len(train_dl) / cfg.optim.accum_steps)
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.optim,
-        total_steps=cfg.train.epochs * per_epoch,
-        warmup_steps=round(cfg.optim.warmup_epochs * per_epoch),
-    )
+    total, warmup = schedule_length(cfg.optim, cfg.train.epochs, len(train_dl))
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total, warmup_steps=warmup)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = _ema(acc, model, cfg)
     weights = class_weights(manifest, cfg.data.train_split, n_cls).to(acc.device)
@@ -233,9 +227,11 @@ def resume_state(p: Parts) -> State:
     trained on); a fresh State when there is none or without --resume."""
     if not p.cfg.train.resume:
         return State()
+    from histodist import resume as relayout
     from histodist.checkpoint import resume
 
     root = p.run_dir / "checkpoints"
+    peaks = relayout.peak_lrs(p)  # before loading, which restores the saved run's lrs
     extra = {"model_ema.safetensors": p.ema.module} if p.ema is not None else None
     meta = resume(p.accelerator, root, extra, say=p.log.print)
     if p.accelerator.is_main_process:
@@ -243,12 +239,8 @@ def resume_state(p: Parts) -> State:
     if meta is None:
         p.log.print(f"--resume: no checkpoint in {root}; starting a new run")
         return State()
-    if meta.get("world_size") != p.accelerator.num_processes:
-        p.log.print(
-            f"warning: resuming a {meta.get('world_size')}-process run with "
-            f"{p.accelerator.num_processes}: the data order differs from an uninterrupted run"
-        )
     st = State.from_meta(meta)
+    relayout.adapt(p, st, meta, peaks)
     p.log.print(
         f"resumed {root}/{STEP.format(st.step)} at epoch {st.epoch + 1}, "
         f"batch {st.batch_in_epoch}, step {st.step}"

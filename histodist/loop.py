@@ -7,6 +7,7 @@ checkpoints need every rank); only logging and file writes are main-process-only
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,8 +30,12 @@ class State:
     """Where training is; saved as the checkpoint's meta.json and restored on resume."""
 
     epoch: int = 0  # epoch in progress (0-based)
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained
+    batch_in_epoch: int = 0  # micro-batches of `epoch`'s loader order already trained
     step: int = 0  # optimizer steps done
+    samples_in_epoch: int = 0  # samples of `epoch` trained over all ranks (any world size)
+    stop_batch: int | None = None  # micro-batch where `epoch` ends (None: the loader's length)
+    samples: int = 0  # samples trained since the start of the run, over all ranks
+    lr_shift: float = 0.0  # added to the scheduler's step count after a resume at a new layout
     best: float | None = None  # best validation metric so far
     best_step: int = -1
     stale: int = 0  # validations without improvement (early stopping)
@@ -82,32 +87,39 @@ def rebalance(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, gen: torc
 
 
 def train_one_epoch(p: Parts, st: State) -> None:
-    """Train the rest of epoch `st.epoch` (from `st.batch_in_epoch` on resume)."""
+    """Train the rest of epoch `st.epoch`: from `st.batch_in_epoch` on resume, up to
+    `st.stop_batch` when a resume at a new world size left fewer samples in the epoch."""
     acc, cfg = p.accelerator, p.cfg
     n, accum = len(p.train_loader), cfg.optim.accum_steps
     p.train_loader.set_epoch(st.epoch)
     p.model.train()
     gen = torch.Generator(device=acc.device)
-    skip = st.batch_in_epoch
-    bar = _bar(p, n, skip, f"epoch {st.epoch + 1}/{cfg.train.epochs}")
+    skip, stop = st.batch_in_epoch, n if st.stop_batch is None else st.stop_batch
+    per_batch = cfg.optim.batch_size * acc.num_processes  # samples per micro-batch, all ranks
+    bar = _bar(p, stop, skip, f"epoch {st.epoch + 1}/{cfg.train.epochs}")
     window = Window()
-    for i, batch in enumerate(p.train_loader):
+    batches = enumerate(p.train_loader)
+    if stop < n:  # stop early without fetching (and recording) a batch past `stop`
+        batches = itertools.islice(batches, stop)
+    for i, batch in batches:
         if i < skip:
             continue  # resume: the loader replays the epoch; skip the batches already trained
         micro = st.epoch * n + i
         # Seeds per micro-step (augmentation, dropout) so a resumed run draws the same numbers.
         gen.manual_seed(step_seed(cfg.train.seed, micro, acc.process_index))
         torch.manual_seed(step_seed(cfg.train.seed + 1, micro, acc.process_index))
-        sync = (i + 1) % accum == 0 or i + 1 == n
+        sync = (i + 1) % accum == 0 or i + 1 == stop
         window.add(micro_step(p, batch, gen, sync, accum, first=(micro == 0)))
         st.batch_in_epoch = i + 1
+        st.samples_in_epoch += per_batch
+        st.samples += per_batch
         bar.update(1)
         if sync:
             optimizer_step(p, st, window)
             window = Window(t0=window.t0, images=window.images, since_log=window.since_log)
             after_step(p, st, window, bar)
     bar.close()
-    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    st.epoch, st.batch_in_epoch, st.samples_in_epoch, st.stop_batch = st.epoch + 1, 0, 0, None
 
 
 @dataclass
@@ -270,7 +282,9 @@ def validate(p: Parts, st: State) -> dict[str, float]:
 
 
 def save(p: Parts, st: State, *, improved: bool) -> None:
-    meta = {**p.meta, **asdict(st), "world_size": p.accelerator.num_processes}
+    o = p.cfg.optim
+    meta = {**p.meta, **asdict(st), "world_size": p.accelerator.num_processes,
+            "batch_size": o.batch_size, "accum_steps": o.accum_steps}  # fmt: skip
     if improved:  # the state `best` points to records the value that made it best
         meta.update(metric=p.cfg.train.metric, value=st.best)
     root = p.run_dir / "checkpoints"

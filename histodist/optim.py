@@ -98,6 +98,13 @@ def _cos(start: float, end: float, t: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def schedule_length(cfg: OptimConfig, epochs: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(total, warmup) optimizer steps of a run: an epoch of `batches_per_epoch` micro-batches
+    per process is ceil(batches / accum_steps) steps."""
+    per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
+    return epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -105,3 +112,28 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, total_steps, cfg, warmup_steps)
     )
+
+
+def rebase_scheduler(
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: OptimConfig,
+    *,
+    peaks: list[float],
+    total_steps: int,
+    warmup_steps: int,
+    shift: float,
+) -> None:
+    """Make a restored schedule continue as if its step count were `last_epoch + shift` of a
+    schedule of `total_steps` with each group's peak lr `peaks` (a resume at a new world size,
+    batch size or accumulation: the shift converts the steps done into steps of the new
+    global batch, so the schedule ends with the run). Sets the groups' current lr too."""
+
+    def lam(s: int) -> float:
+        return lr_at(s + shift, total_steps, cfg, warmup_steps)
+
+    scheduler.lr_lambdas = [lam] * len(peaks)
+    scheduler.base_lrs = list(peaks)
+    for g, peak in zip(scheduler.optimizer.param_groups, peaks, strict=True):
+        g["initial_lr"] = peak
+        g["lr"] = peak * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

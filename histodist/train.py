@@ -98,6 +98,11 @@ def fit(p: loop.Parts, st: loop.State) -> str:
 def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
     if reason == "preempted":
         loop.save(p, st, improved=False)
+        # Every rank says it got here: a launcher or scheduler log then shows who saved. One
+        # write per line, so that lines of ranks sharing a log do not interleave.
+        rank = p.accelerator.process_index
+        sys.stderr.write(f"[rank {rank}] checkpoint saved at step {st.step}\n")
+        sys.stderr.flush()
         who = p.preempt.received or "preemption signal on another rank"
         p.log.print(
             f"{who}: saved {p.run_dir}/checkpoints/last at step {st.step}; "

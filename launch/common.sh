@@ -51,6 +51,12 @@ accelerate_common_args() {
   if [[ -n ${MIXED_PRECISION:-} ]]; then ACCEL_ARGS+=(--mixed_precision "$MIXED_PRECISION"); fi
 }
 
+# Prints a top-level value of the accelerate config file (quotes stripped), or nothing.
+config_value() {
+  awk -v key="$1" -F':[[:space:]]*' '$1 == key { v = $2; gsub(/["\047[:space:]]/, "", v); print v; exit }' \
+    "$ACCELERATE_CONFIG"
+}
+
 # Sets TRAIN_ARGS, the flags every launch puts before the user's: always --resume (a fresh
 # start when the run folder has no checkpoint), so a restarted or requeued job continues
 # where it stopped. The user's flags come after, so they win.

@@ -26,7 +26,8 @@ STUB = """#!{python}
 import json, os, re, signal, subprocess, sys, time
 name = os.path.basename(sys.argv[0])
 keep = ("SLURM_NODEID", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-        "ACCELERATE_MIXED_PRECISION", "HISTODIST_ROOT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+        "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "HISTODIST_ROOT",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 with open(os.environ["STUB_LOG"], "a") as log:
     env = {{k: os.environ[k] for k in keep if k in os.environ}}
     log.write(json.dumps({{"cmd": name, "argv": sys.argv[1:], "env": env}}) + "\\n")
@@ -41,6 +42,9 @@ if name == "scontrol" and args[:2] == ["show", "hostnames"]:
             lo, _, hi = part.partition("-")
             for i in range(int(lo), int(hi or lo) + 1):
                 print(f"{{m.group(1)}}{{i:0{{len(lo)}}d}}")
+elif name == "scancel":  # Slurm signals the step's tasks: here the blocking srun plays them
+    with open(os.environ["STUB_LOG"] + ".ready") as f:
+        os.kill(int(f.read()), signal.SIGTERM)
 elif name == "srun":
     if os.environ.get("STUB_SRUN_BLOCK"):  # a long training step, until a signal comes
         def stop(signum, frame):
@@ -48,7 +52,8 @@ elif name == "srun":
                 log.write(json.dumps({{"cmd": "srun-signal", "argv": [signal.Signals(signum).name]}}) + "\\n")
             sys.exit(0)
         signal.signal(signal.SIGTERM, stop)
-        open(os.environ["STUB_LOG"] + ".ready", "w").close()
+        with open(os.environ["STUB_LOG"] + ".ready", "w") as f:
+            f.write(str(os.getpid()))
         while True:
             time.sleep(0.05)
     while args and args[0].startswith("-"):
@@ -61,10 +66,10 @@ elif name == "srun":
 
 @pytest.fixture
 def stubs(tmp_path):
-    """A PATH with stub srun/scontrol/accelerate/torchrun/nvidia-smi and their log."""
+    """A PATH with stub srun/scontrol/scancel/accelerate/torchrun/python and their log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("srun", "scontrol", "accelerate", "torchrun"):
+    for name in ("srun", "scontrol", "scancel", "accelerate", "torchrun", "python"):
         path = bin_dir / name
         path.write_text(STUB.format(python=sys.executable))
         path.chmod(0o755)
@@ -126,11 +131,12 @@ def test_scripts_are_valid_bash(script):
 
 def test_sbatch_generates_one_accelerate_launch_per_node(stubs):
     env, log = stubs
-    env = slurm_env(env, NCCL_SOCKET_IFNAME="ib0")
+    env = slurm_env(env, NCCL_SOCKET_IFNAME="ib0", SLURM_CPUS_PER_TASK="48")
     proc = run(LAUNCH / "slurm" / "train.sbatch", env, *USER_ARGS)
 
     (srun,) = calls(log, "srun")
     assert "--ntasks-per-node=1" in srun["argv"] and "--nodes=2" in srun["argv"]
+    assert "--cpus-per-task=48" in srun["argv"]  # srun does not inherit it on Slurm 22.05-23.02
     launches = calls(log, "accelerate")
     assert len(launches) == 2
     port = str(29500 + 1234 % 10000)
@@ -198,7 +204,8 @@ def test_sbatch_outside_slurm_fails_clearly(stubs):
 
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
 def test_sbatch_forwards_signals_and_requeues_on_time_limit(stubs, sig):
-    """USR1 (time limit near): TERM to the step, then requeue. TERM (preemption): no requeue."""
+    """USR1 (time limit near): TERM to the step's tasks through scancel (never to srun, which
+    would SIGKILL them), then requeue. TERM (preemption): the same, no requeue."""
     env, log = stubs
     env = slurm_env(env, STUB_SRUN_BLOCK="1")
     proc = subprocess.Popen(
@@ -216,20 +223,31 @@ def test_sbatch_forwards_signals_and_requeues_on_time_limit(stubs, sig):
     proc.send_signal(getattr(signal, f"SIG{sig}"))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    assert [c["argv"] for c in calls(log, "scancel")] == [["--signal=TERM", "1234"]]
     assert [c["argv"] for c in calls(log, "srun-signal")] == [["SIGTERM"]]
     requeues = [c["argv"] for c in calls(log, "scontrol") if c["argv"][0] == "requeue"]
     assert requeues == ([["requeue", "1234"]] if sig == "USR1" else [])
 
 
-def test_single_gpu(stubs):
+def test_single_gpu_runs_the_trainer_itself(stubs):
+    """One process: the script execs `python -m histodist.train` (so SIGTERM reaches it, see
+    test_launch_signals.py) with the precision accelerate launch would have set."""
     env, log = stubs
     run(LAUNCH / "single_gpu.sh", {**env, "RUN_NAME": "r1"}, *USER_ARGS)
-    (call,) = calls(log, "accelerate")
+    assert calls(log, "accelerate") == []
+    (call,) = calls(log, "python")
     argv = call["argv"]
-    assert opt(argv, "--num_processes") == "1" and opt(argv, "--num_machines") == "1"
-    assert opt(argv, "--config_file") == str(LAUNCH / "accelerate_config.single_gpu.yaml")
-    assert opt(argv, "--run-name") == "r1" and "--resume" in argv
+    assert argv[:3] == ["-m", "histodist.train", "--resume"] and opt(argv, "--run-name") == "r1"
     assert tuple(argv[-len(USER_ARGS) :]) == USER_ARGS
+    assert call["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16"  # MIXED_PRECISION
+    assert "ACCELERATE_USE_CPU" not in call["env"]
+    # Without MIXED_PRECISION (and without nvidia-smi) the config file's precision applies.
+    env = {k: v for k, v in env.items() if k != "MIXED_PRECISION"}
+    run(
+        LAUNCH / "single_gpu.sh",
+        {**env, "ACCELERATE_CONFIG": str(LAUNCH / "accelerate_config.fp16.yaml")},
+    )
+    assert calls(log, "python")[1]["env"]["ACCELERATE_MIXED_PRECISION"] == "fp16"
 
 
 def test_single_node_uses_all_gpus(stubs):
@@ -247,8 +265,9 @@ def test_single_node_uses_all_gpus(stubs):
 def test_single_node_with_one_gpu_is_single_gpu(stubs):
     env, log = stubs
     run(LAUNCH / "single_node.sh", {**env, "GPUS_PER_NODE": "1"}, *USER_ARGS)
-    (call,) = calls(log, "accelerate")
-    assert opt(call["argv"], "--config_file").endswith("accelerate_config.single_gpu.yaml")
+    assert calls(log, "accelerate") == []
+    (call,) = calls(log, "python")
+    assert call["argv"][:2] == ["-m", "histodist.train"]
 
 
 def test_multi_node_plain_accelerate(stubs):

@@ -68,7 +68,8 @@ def env(wandb_dir: Path | None = None, **extra: str) -> dict:
         HF_HUB_OFFLINE="1",
         WANDB_MODE="offline",
         WANDB_SILENT="true",
-        PYTHONPATH=str(ROOT / "tests"),
+        # This checkout's package first, also for scripts run by path (sys.path[0] is theirs).
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
     )
     if wandb_dir is not None:
         e["WANDB_DIR"] = str(wandb_dir)

@@ -3,7 +3,9 @@
     accelerate launch ... tests/scripts/train_probe.py OUT_DIR <histodist.train flags>
 
 Writes OUT_DIR/rank<r>.json: world size, the sample keys of every training batch per epoch,
-and a checksum of the final parameters, so a test can check the ranks agree.
+a checksum of the final parameters (so a test can check the ranks agree), and where training
+ended (steps, samples, lr). PROBE_STOP_AFTER=K raises the preemption flag on every rank after
+its K-th training batch: a preemption at a known batch, for resume tests.
 """
 
 import hashlib
@@ -19,8 +21,9 @@ from histodist.config import parse_args
 class Recorder:
     """Wraps the training loader; records batch keys per epoch and passes batches through."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, stop_after: int = 0, preempt=None):
         self.loader, self.epoch, self.keys = loader, 0, {}
+        self.stop_after, self.preempt, self.seen = stop_after, preempt, 0
 
     def __len__(self):
         return len(self.loader)
@@ -32,6 +35,9 @@ class Recorder:
     def __iter__(self):
         for batch in self.loader:
             self.keys.setdefault(str(self.epoch), []).extend(batch["key"])
+            self.seen += 1
+            if self.seen == self.stop_after:
+                self.preempt.received = "PROBE_STOP_AFTER"
             yield batch
 
 
@@ -41,7 +47,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pid{p.accelerator.process_index}").write_text(str(os.getpid()))
     p.preempt.install()
-    p.train_loader = Recorder(p.train_loader)
+    stop = int(os.environ.get("PROBE_STOP_AFTER", "0"))
+    p.train_loader = Recorder(p.train_loader, stop, p.preempt)
     st = build.resume_state(p)
     reason = train.fit(p, st)
     p.log.close()
@@ -59,6 +66,10 @@ def main() -> None:
                 "world_size": acc.num_processes,
                 "rank": acc.process_index,
                 "reason": reason,
+                "step": st.step,
+                "samples": st.samples,
+                "epoch": st.epoch,
+                "lr": max(g["lr"] for g in p.optimizer.param_groups),
                 "keys": p.train_loader.keys,
                 "params_sha256": h.hexdigest(),
                 "param_sum": float(sum(t.detach().double().sum() for t in model.parameters())),
