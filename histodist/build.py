@@ -1,4 +1,4 @@
-"""Build a training session from a Config: Accelerator, run folder, loaders, model, optimizer.
+"""Build a training run from a Config: Accelerator, run folder, loaders, model, optimizer.
 
 Each builder is small and called once by histodist.train.run(); nothing here trains.
 """
@@ -29,7 +29,7 @@ class TrainError(RuntimeError):
 
 def make_accelerator(cfg: Config):
     """The only Accelerator: precision, W&B (main process only), DDP options.
-    Returns (accelerator, use_wandb, message or None)."""
+    Returns (accelerator, W&B mode "online" | "offline" | "disabled", message or None)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mode, msg = resolve_wandb_mode(cfg.log.wandb)

@@ -24,7 +24,6 @@ rank writes its own RNG state).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -44,10 +43,6 @@ _LEGACY = (".old-last", ".old-best", ".tmp-last", "last", "best")
 
 class CheckpointError(RuntimeError):
     """A missing, unreadable or unwritable checkpoint; the message names the folder."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- file system

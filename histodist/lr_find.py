@@ -40,7 +40,8 @@ def parse(argv: list[str] | None) -> tuple[Config, dict]:
 
 
 def range_test(cfg: Config, *, start_lr: float, end_lr: float, num_steps: int):
-    """(lrs, smoothed losses) of the range test; lr is the head group's lr at each step."""
+    """(lrs, smoothed losses, accelerator) of the range test; lr is the head group's lr at
+    each step."""
     from accelerate import Accelerator
 
     manifest = load_manifest(cfg.data.shards)

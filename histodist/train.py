@@ -1,7 +1,7 @@
 """Train a classifier on histodist shards: `accelerate launch -m histodist.train --dataset pcam`.
 
 Runs unchanged on one CPU process, several CPU processes (gloo), 1..N GPUs and several nodes;
-see `--help` for every option and docs in README "Training".
+see `--help` for every option, README "Train" for the most used ones.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from trainkit import subprocess_env
 
 from histodist.bench.common import PeakMemory, measure_interleaved, measure_steps, table
 
@@ -42,13 +42,15 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_bench_all_quick_report(tiny_pcam, tmp_path):
     data, shards = tiny_pcam
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "histodist.bench", "all", "--quick", "--data", str(data),
            "--shards", str(shards), "--workers", "1", "--json", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "histodist benchmark summary" in proc.stdout
     report = json.loads(out.read_text())

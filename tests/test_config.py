@@ -5,11 +5,13 @@ import yaml
 
 from histodist.config import (
     PRESETS,
+    RECIPES,
     Config,
     ConfigError,
     build_parser,
     load_config,
     parse_args,
+    replace,
     save_config,
 )
 
@@ -34,6 +36,54 @@ def test_defaults_then_preset_then_yaml_then_flags(tmp_path):
     assert cfg.data.image_size == 64  # YAML beats preset (idc: 50)
     assert cfg.optim.batch_size == 32 and cfg.optim.lr == 0.5  # flag beats YAML
     assert cfg.data.resample is False
+
+
+SHORT_FLAGS = [  # the measured command of docs/experiments.md ("Short budget")
+    *("--epochs", "3", "--batch-size", "32", "--augment", "dihedral"),
+    *("--warmup-epochs", "0.3", "--label-smoothing", "0.1", "--val-tta", "8"),
+]
+
+
+def test_recipe_short_is_the_measured_command(tmp_path):
+    cfg = parse_args(["--recipe", "short"])
+    assert cfg.train.recipe == "short"
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg  # a run reloads it
+    assert replace(cfg, train={"recipe": "none"}) == parse_args(SHORT_FLAGS)
+    assert parse_args([]).train.recipe == "none" and RECIPES["none"] == {}
+
+
+def test_recipe_sits_between_preset_and_yaml(tmp_path):
+    """defaults < dataset preset < recipe < --config YAML < flags."""
+    idc = parse_args(["--dataset", "idc"])
+    cfg = parse_args(["--dataset", "idc", "--recipe", "short"])
+    # the preset's own keys survive where the recipe is silent; the recipe's keys win
+    assert (
+        (cfg.data.image_size, cfg.data.class_balance)
+        == (50, "loss")
+        == (
+            idc.data.image_size,
+            idc.data.class_balance,
+        )
+    )
+    assert (cfg.augment.augment, idc.augment.augment) == ("dihedral", "idc")
+    assert (cfg.optim.batch_size, cfg.train.epochs) == (32, 3)
+
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"train": {"recipe": "short"}, "optim": {"batch_size": 64}}))
+    cfg = parse_args(["--config", str(y), "--epochs", "6"])
+    assert cfg.train.recipe == "short"  # a YAML file selects the recipe too
+    assert cfg.optim.batch_size == 64  # YAML beats recipe (32)
+    assert cfg.train.epochs == 6  # flag beats recipe (3)
+    assert cfg.optim.label_smoothing == 0.1 and cfg.train.val_tta == 8  # recipe beats defaults
+
+
+def test_unknown_recipe_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "long"])
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"train": {"recipe": "long"}}))
+    with pytest.raises(ConfigError, match="--recipe 'long'"):
+        parse_args(["--config", str(y)])
 
 
 def test_unknown_flags_and_keys_are_errors(tmp_path, capsys):

@@ -9,7 +9,6 @@ shard of 24); evaluation sees every sample exactly once.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from shardkit import pcam_images, write_shards
-from trainkit import free_port
+from trainkit import accelerate_cpu_env, free_port
 
 from histodist import data
 
@@ -43,8 +42,13 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path, pcam_jpeg):
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(SCRIPT), str(out), "2", str(tmp_path / "uneven"), str(tmp_path / "one")]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd,
+        env=accelerate_cpu_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}

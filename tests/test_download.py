@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fixtures_layouts as fx
 import pytest
+from trainkit import free_port
 
 from histodist import download, shard
 
@@ -120,11 +121,7 @@ def test_checksum_mismatch_deletes_the_file(tmp_path, mirror, monkeypatch, capsy
 
 
 def test_offline_fails_at_once_and_says_where_to_put_files(tmp_path, capsys):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: connection refused, like offline
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens: connection refused, like offline
     rc = shard.main(
         [
             "--dataset",

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from PIL import Image
 from runkit import IMAGE_SIZE, tiny_run, untrained_run
 from shardkit import pcam_images
 from sklearn.metrics import roc_auc_score
-from trainkit import free_port
+from trainkit import accelerate_cpu_env, free_port
 
 from histodist import evaluate
 
@@ -117,8 +116,9 @@ def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
            "2", "--num_machines", "1", "--main_process_port", str(free_port()),
            "-m", "histodist.evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=accelerate_cpu_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

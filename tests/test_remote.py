@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from trainkit import free_port
 
 from histodist import remote
 from histodist.remote import ShardError, join_url, open_url, read_text
@@ -138,9 +139,7 @@ def test_http_404_fails_at_once_naming_the_url(server):
 
 
 def test_connection_refused_is_retried_then_names_url():
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     url = f"http://127.0.0.1:{port}/s.tar"
     with pytest.raises(ShardError, match=re.escape(url) + ".*after 2 attempts"):
         open_url(url, retries=1, timeout=5)

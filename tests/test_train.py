@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
-from histodist.checkpoint import load_run_model, read_meta, states
+from histodist.checkpoint import STEP, load_run_model, read_meta, states
 from histodist.config import load_config
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
@@ -67,6 +67,7 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
     run_dir_a = run_a[0]
     args = [
@@ -154,7 +155,8 @@ def test_accelerate_config_is_a_multi_gpu_bf16_config():
     assert c.num_machines == 1 and not c.use_cpu
 
 
-def test_training_options_together(shards, tmp_path, capsys):
+@pytest.mark.slow
+def test_training_options_together(shards, tmp_path):
     """Accumulation, EMA, balanced resampling, smoothing, freezing, SGD + one-cycle, step-wise
     validation and checkpoints, early stopping, a centre crop: one short run through the
     real loop."""
@@ -195,9 +197,17 @@ def test_training_options_together(shards, tmp_path, capsys):
     assert steps[:4] == [1, 2, 3, 4]  # 8 micro-batches per epoch -> 4 optimizer steps
     val_steps = [x["step"] for x in _lines(run_dir) if "val/auc" in x]
     assert val_steps[:3] == [3, 4, 6]  # every 3 steps and at each epoch end (step 4)
-    out = capsys.readouterr().out
-    assert meta["step"] == 8 or "early stop" in out
-    assert len(states(run_dir / "checkpoints")) <= 4  # --keep-last 3, and the best state
+    # The first validation (step 3) always improves, so after epoch 1 at most one validation
+    # is stale (< --patience 2): early stopping cannot end the run before its last epoch.
+    assert meta["step"] == 8
+    # states at steps 2 (--checkpoint-every), 3, 4, 6, 8 (validations); --keep-last 3 keeps
+    # the newest three and the best one
+    ckpts = run_dir / "checkpoints"
+    best = read_meta(ckpts / "best")["step"]
+    assert best in (3, 4, 6, 8) and meta["best_step"] == best
+    assert {p.name for p in states(ckpts)} == {STEP.format(s) for s in {4, 6, 8, best}}
+    assert (ckpts / "last").resolve().name == STEP.format(8)
+    assert (ckpts / "best").resolve().name == STEP.format(best)
     assert load_config(run_dir / "config.yaml").augment.crop == 0.75
     model, _, _ = load_run_model(run_dir)  # EMA weights load into the model
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
@@ -222,3 +232,21 @@ def test_val_tta_scores_validation_as_evaluate_tta_does(shards, tmp_path):
     assert val["val/auc"] == pytest.approx(m8["auc"], abs=1e-5)
     assert val["val/accuracy"] == pytest.approx(m8["accuracy"], abs=1e-6)
     assert m1["auc"] != pytest.approx(m8["auc"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_patience_stops_after_that_many_validations_without_improvement(
+    shards, tmp_path, monkeypatch, capsys
+):
+    """A metric that never improves after the first validation: with --patience 1 the run stops
+    at the end of epoch 2 of 3 (step 16), and best stays the first validation's state."""
+    from histodist import loop
+
+    monkeypatch.setattr(loop, "is_better", lambda value, best: best is None)
+    args = [*run_flags(shards, tmp_path, "es"), "--epochs", "3", "--patience", "1"]
+    assert train.main(args) == 0
+    ckpts = tmp_path / "es" / "checkpoints"
+    assert "early stop: no auc improvement in 1 validations" in capsys.readouterr().out
+    assert read_meta(ckpts / "last")["step"] == 16  # 8 steps per epoch, epoch 3 never ran
+    assert read_meta(ckpts / "best")["step"] == 8
+    assert [x["step"] for x in _lines(tmp_path / "es") if "val/auc" in x] == [8, 16]

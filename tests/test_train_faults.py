@@ -123,7 +123,8 @@ class Payload:
 @pytest.mark.slow
 def test_resume_of_an_ema_run_never_unpickles_a_checkpoint_file(shards, tmp_path, capsys):
     """A pickled payload over each file of the newest state in turn, and as accelerate's
-    custom-object file (where the EMA used to be saved): resume never runs it."""
+    custom-object file (where accelerate's register_for_checkpointing would keep the EMA):
+    resume never runs it."""
     args = [*run_flags(shards, tmp_path, "ema"), "--epochs", "1", "--ema", "0.9",
             "--keep-last", "1"]  # fmt: skip
     assert train.main(args) == 0

@@ -50,13 +50,24 @@ def tiny_shards(
     return out
 
 
+def subprocess_env(**extra: str) -> dict:
+    """os.environ with one compute thread per process (the cores are shared by every process
+    of a test), then `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def accelerate_cpu_env(**extra: str) -> dict:
+    """The environment of an `accelerate launch --multi_gpu` of CPU processes (gloo)."""
+    return subprocess_env(ACCELERATE_USE_CPU="true", **extra)
+
+
 def env(wandb_dir: Path | None = None, **extra: str) -> dict:
-    e = dict(os.environ, **extra)
+    """The environment of a training subprocess: offline hub and W&B, tests/ importable."""
+    e = subprocess_env(**extra)
     e.update(
         HF_HUB_OFFLINE="1",
         WANDB_MODE="offline",
         WANDB_SILENT="true",
-        OMP_NUM_THREADS="1",
         # This checkout's package first, also for scripts run by path (sys.path[0] is theirs).
         PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
     )
@@ -76,6 +87,8 @@ def run(args: list[str], *, wandb_dir: Path | None = None, timeout: int = 560, *
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a rendezvous, or a refused
+    connection)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

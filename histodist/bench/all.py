@@ -79,7 +79,7 @@ def run_suite(name: str, argv: list[str], out: Path) -> dict:
 
 
 def summary_rows(report: dict) -> list[dict]:
-    """The issue's figures, one row each: (suite, figure, value)."""
+    """The headline figures of the three suites, one row each: (suite, figure, value)."""
     rows: list[dict] = []
 
     def add(suite: str, figure: str, value) -> None:
