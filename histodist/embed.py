@@ -64,7 +64,7 @@ def load_backbone(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     cfg = ModelConfig(model=args.model, pretrained=args.pretrained, family=args.family,
                       weights=args.weights)  # fmt: skip
-    model = build_model(cfg, num_classes=0)
+    model = build_model(cfg, num_classes=0, image_size=args.image_size or None)
     return model.eval().requires_grad_(False)
 
 

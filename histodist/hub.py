@@ -190,7 +190,7 @@ def explain(name: str, exc: BaseException) -> str | None:
     """The one-line message for a hub or local-folder failure, or None when it is none."""
     from huggingface_hub import errors as e
 
-    repo = name.split(":", 1)[-1]
+    repo = resolve(name).split(":", 1)[-1]
     page = f"https://huggingface.co/{repo.split('@')[0]}"
     offline = (
         f"or download it once elsewhere (hf download {repo} --local-dir DIR) and pass "

@@ -21,14 +21,23 @@ FAMILIES = {
     "uni": ("vit_large_patch16_224", {**TINY_ARGS, "init_values": 1e-5}, None, None),
     "virchow2": (
         "vit_huge_patch14_224",
-        {**TINY_ARGS, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
-         "global_pool": "", "dynamic_img_size": True},
+        {
+            **TINY_ARGS,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.3375,
+            "reg_tokens": 4,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
         None,
         None,
     ),  # fmt: skip
-    "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", {**TINY_ARGS, "init_values": 1e-5,
-                    "num_classes": 0}, (0.707223, 0.578729, 0.703617),
-                    (0.211883, 0.230117, 0.177517)),  # fmt: skip
+    "h-optimus-0": (
+        "vit_giant_patch14_reg4_dinov2",
+        {**TINY_ARGS, "init_values": 1e-5, "num_classes": 0},
+        (0.707223, 0.578729, 0.703617),
+        (0.211883, 0.230117, 0.177517),
+    ),  # fmt: skip
 }
 
 
