@@ -67,6 +67,9 @@ def complete_config(cfg: Config, manifest: dict) -> Config:
     if embeddings.is_embedding_set(manifest):
         fixed = embeddings.config_overrides(cfg, manifest, cfg.data.shards)
         return replace(cfg, **{**fixed, "data": {"num_classes": n, **fixed["data"]}})
+    if cfg.model.model in embeddings.HEADS:  # a linear / MLP head on the raw pixels
+        return replace(cfg, data={"num_classes": n, "image_size": size},
+                       model={"embed_dim": 3 * size * size})  # fmt: skip
     return replace(cfg, data={"num_classes": n, "image_size": size})
 
 

@@ -195,3 +195,36 @@ def test_two_process_embedding_writes_each_sample_once(tmp_path, pcam_jpeg):
         with tarfile.open(tar) as t:
             src.update(m.name.split(".", 1)[0] for m in t if m.name.endswith(".cls"))
     assert keys == src and set(keys.values()) == {1}
+
+
+def test_embedding_runs_refuse_other_inputs():
+    from histodist.embeddings import EmbeddingError, check_compatible, config_overrides
+
+    emb = {"model": "uni", "weights_sha256": "a", "preprocessing": {"input_size": 224}, "dim": 8}
+    run_m, shards_m = {"embedding": emb}, {"embedding": dict(emb)}
+    check_compatible(run_m, shards_m, "E")
+    check_compatible({}, {}, "S")
+    with pytest.raises(EmbeddingError, match="histodist.embed --model uni"):
+        check_compatible(run_m, {}, "S")
+    with pytest.raises(EmbeddingError, match="trained on images"):
+        check_compatible({}, shards_m, "E")
+    with pytest.raises(EmbeddingError, match="weights_sha256"):
+        check_compatible(run_m, {"embedding": {**emb, "weights_sha256": "b"}}, "E")
+    cfg = from_dict({"model": {"model": "resnet18"}})
+    with pytest.raises(EmbeddingError, match="--model linear"):
+        config_overrides(cfg, {"embedding": emb}, "E")
+    fixed = config_overrides(from_dict({"model": {"model": "mlp"}}), {"embedding": emb}, "E")
+    assert fixed["model"]["embed_dim"] == 8 and fixed["augment"]["augment"] == "none"
+
+
+def test_embedding_vectors_round_trip():
+    import numpy as np
+
+    from histodist.embeddings import MEMBER, decode, encode
+
+    vec = np.random.default_rng(0).standard_normal(37).astype(np.float32)
+    raw = {MEMBER: encode(vec), "cls": b"1", "json": b'{"group": "p1"}', "__key__": "k"}
+    out = decode(raw)
+    assert out["image"].dtype == torch.float16 and out["image"].shape == (37, 1, 1)
+    assert torch.equal(out["image"].flatten(), torch.from_numpy(vec.astype(np.float16)))
+    assert (out["label"], out["group"]) == (1, "p1")
