@@ -173,6 +173,10 @@ def test_finetune_embed_and_train_a_head_on_real_patches(tmp_path, pcam_jpeg, fo
     r = run([sys.executable, "-m", "histodist.export", "--run", str(head), "--format",
              "safetensors"])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    exported = json.loads((head / "export" / "model.safetensors.json").read_text())
+    assert (
+        exported["input"]["shape"] == ["batch", 64, 1, 1] and "virchow2" in exported["preprocess"]
+    )
 
 
 @pytest.mark.slow
