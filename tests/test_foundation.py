@@ -164,9 +164,10 @@ def test_finetune_embed_and_train_a_head_on_real_patches(tmp_path, pcam_jpeg, fo
     head = tmp_path / "runs" / "pcam-linear"
     assert json.loads((head / "manifest.json").read_text())["embedding"]["weights_sha256"]
     r = run([sys.executable, "-m", "histodist.evaluate", "--run", str(head), "--bootstrap", "10",
-             "--wandb", "disabled", "--no-progress"])  # fmt: skip
+             "--wandb", "disabled", "--no-progress", "--knn", "5"])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "auc" in (head / "eval-valid" / "metrics.json").read_text()
+    res = json.loads((head / "eval-valid" / "metrics.json").read_text())
+    assert res["num_predictions"] == 40 and 0 <= res["knn"]["auc"] <= 1
     r = run([sys.executable, "-m", "histodist.evaluate", "--run", str(head),
              "--shards", str(shards)])  # fmt: skip
     assert r.returncode == 1 and "embed them first" in r.stderr
@@ -232,3 +233,19 @@ def test_embedding_vectors_round_trip():
     assert out["image"].dtype == torch.float16 and out["image"].shape == (37, 1, 1)
     assert torch.equal(out["image"].flatten(), torch.from_numpy(vec.astype(np.float16)))
     assert (out["label"], out["group"]) == (1, "p1")
+
+
+def test_knn_probe_matches_sklearn():
+    import numpy as np
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from histodist.knn import TEMPERATURE, knn_probs
+
+    gen = torch.Generator().manual_seed(0)
+    tx, ty = torch.randn(200, 16, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    x = torch.randn(50, 16, generator=gen)
+    ours = knn_probs(tx, ty, x, k=7, num_classes=3, chunk=16)
+    ref = KNeighborsClassifier(n_neighbors=7, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / TEMPERATURE))  # fmt: skip
+    ref.fit(tx.numpy(), ty.numpy())
+    assert np.allclose(ours.numpy(), ref.predict_proba(x.numpy()), atol=1e-4)
