@@ -227,6 +227,18 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
     }
 
 
+def previous_splits(out: Path, identity: dict) -> list[str]:
+    """Splits an earlier run of the same weights and preprocessing wrote to `out` (so that
+    `--split valid` then `--split train` leave a manifest listing both)."""
+    try:
+        prev = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    emb = prev.get("embedding") or {}
+    same = all(emb.get(k) == identity[k] for k in ("weights_sha256", "preprocessing", "dim"))
+    return list(prev.get("splits", {})) if same else []
+
+
 def run(args) -> int:
     from accelerate import Accelerator
 
@@ -255,7 +267,8 @@ def run(args) -> int:
           f"({total['embedded'] / max(dt, 1e-9):.1f} img/s), {total['reused']} reused")  # fmt: skip
     acc.wait_for_everyone()
     if acc.is_main_process:
-        m = build_manifest(manifest, splits, identity, args)
+        kept = [s for s in previous_splits(out, identity) if s not in splits]
+        m = build_manifest(manifest, splits + kept, identity, args)
         tmp = out / ".manifest.json.tmp"
         tmp.write_text(json.dumps(m, indent=1))
         os.replace(tmp, out / "manifest.json")

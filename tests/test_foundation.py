@@ -156,8 +156,10 @@ def test_finetune_embed_and_train_a_head_on_real_patches(tmp_path, pcam_jpeg, fo
     m = json.loads((emb / "manifest.json").read_text())
     assert m["kind"] == "embeddings" and m["embedding"]["dim"] == 64
     assert m["splits"]["train"]["num_samples"] == 64 and sum(_keys(emb).values()) == 104
-    again = run(cmd)  # resumable: every complete shard is kept
-    assert "embedded 0 samples" in again.stdout and "104 reused" in again.stdout
+    # Resumable: complete shards are kept; one split again leaves the manifest listing both.
+    again = run([*cmd, "--split", "valid"])
+    assert "embedded 0 samples" in again.stdout and "40 reused" in again.stdout
+    assert set(json.loads((emb / "manifest.json").read_text())["splits"]) == {"train", "valid"}
 
     r = run(train_cmd("--shards", str(emb), "--model", "linear", *common[:-1], "3"))
     assert r.returncode == 0, r.stderr[-2000:]
