@@ -41,7 +41,6 @@ class Known:
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
     pool: str = "model"  # "model": timm's own pooling; "token+avg": [CLS, mean(patch tokens)]
     norm: tuple | None = None  # (mean, std) when the card gives its own
-    gated: bool = True  # the page asks to accept terms before download
 
 
 def _swiglu_silu() -> dict:
@@ -96,7 +95,6 @@ KNOWN: dict[str, Known] = {
         "https://huggingface.co/bioptimus/H-optimus-0",
         {"init_values": 1e-5, "dynamic_img_size": False},
         norm=((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
-        gated=False,
     ),
     "h-optimus-1": Known(
         "bioptimus/H-optimus-1",
@@ -124,13 +122,15 @@ def resolve(name: str) -> str:
     return f"hf-hub:{k.repo}" if k else name
 
 
-def family(name: str, family: str = "auto") -> Known | None:
-    """The KNOWN entry of a model: by `family` when given, else by its short name or hub id."""
-    if family not in ("auto", "none", ""):
-        if family.lower() not in KNOWN:
-            raise HubError(f"--family {family!r}: choose one of auto, none, {', '.join(KNOWN)}")
-        return KNOWN[family.lower()]
-    if family == "none":
+def family(name: str, family_name: str = "auto") -> Known | None:
+    """The KNOWN entry of a model: by `family_name` when given, else by its short name or hub id."""
+    if family_name not in ("auto", "none", ""):
+        if family_name.lower() not in KNOWN:
+            raise HubError(
+                f"--family {family_name!r}: choose one of auto, none, {', '.join(KNOWN)}"
+            )
+        return KNOWN[family_name.lower()]
+    if family_name == "none":
         return None
     name = resolve(name)
     repo = name.split(":", 1)[1].split("@")[0] if name.startswith("hf-hub:") else ""
