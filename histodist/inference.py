@@ -401,7 +401,7 @@ def file_batches(
     if run.manifest.get("embedding"):
         raise InputError(
             f"{run.run_dir}: a head on {run.manifest['embedding']['model']} embeddings reads "
-            "embedding shards only; embed the images with histodist.embed and pass --shards"
+            "embedding shards only; embed the images with histodist.embed and pass those shards"
         )
     return torch.utils.data.DataLoader(
         ImageFiles(list(items)[rank::world_size], run.load_size),

@@ -173,6 +173,11 @@ def test_finetune_embed_and_train_a_head_on_real_patches(tmp_path, pcam_jpeg, fo
     r = run([sys.executable, "-m", "histodist.evaluate", "--run", str(head),
              "--shards", str(shards)])  # fmt: skip
     assert r.returncode == 1 and "embed them first" in r.stderr
+    csv = tmp_path / "pred.csv"
+    r = run([sys.executable, "-m", "histodist.predict", "--run", str(head), "--input", str(emb),
+             "--split", "valid", "--out", str(csv), "--workers", "0"])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(csv.read_text().splitlines()) == 41
     r = run([sys.executable, "-m", "histodist.export", "--run", str(head), "--format",
              "safetensors"])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
