@@ -66,7 +66,7 @@ def test_hf_hub_name_and_short_name_load_from_the_offline_cache(cache, folders):
     assert features(model, x).shape == (3, 64)
 
 
-def test_hub_refusals_name_the_fix(tmp_path, pcam_jpeg):
+def test_hub_refusals_name_the_fix():
     import httpx
     from huggingface_hub.errors import GatedRepoError
 
@@ -74,7 +74,10 @@ def test_hub_refusals_name_the_fix(tmp_path, pcam_jpeg):
     msg = hub.explain("hf-hub:MahmoodLab/UNI", GatedRepoError("403", response=response))
     assert "hf auth login" in msg and "accept the terms" in msg
     assert "https://huggingface.co/MahmoodLab/UNI" in msg and "local-dir:" in msg
-    # Offline with an empty cache: each CLI fails with one line naming the routes.
+
+
+@pytest.mark.slow
+def test_offline_without_the_model_each_cli_fails_naming_the_routes(tmp_path, pcam_jpeg):
     shards = tiny_shards(tmp_path / "shards", pcam_jpeg, train_per_class=4, valid_per_class=4)
     empty = str(tmp_path / "empty")
     train = train_cmd("--model", "hf-hub:MahmoodLab/UNI", "--shards", str(shards),
@@ -86,7 +89,7 @@ def test_hub_refusals_name_the_fix(tmp_path, pcam_jpeg):
         assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
         assert "MahmoodLab/UNI" in last and "hf auth login" in last and "local-dir:" in last
-    assert not (tmp_path / "emb" / "manifest.json").exists()
+    assert not (tmp_path / "emb" / "manifest.json").exists() and not (tmp_path / "runs").exists()
 
 
 def test_safe_run_names():
