@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from histodist import augment as aug
-from histodist import data
+from histodist import data, embeddings, hub
 from histodist.checkpoint import STEP
 from histodist.config import Config, ConfigError, replace, save_config
 from histodist.loop import Parts, State
-from histodist.models import build_model, model_norm, set_backbone_trainable
+from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
 from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
@@ -55,6 +55,8 @@ def complete_config(cfg: Config, manifest: dict) -> Config:
             f"classes {manifest['classes']}; pass --num-classes {n} or other --shards"
         )
     size = cfg.data.image_size or (manifest.get("image") or {}).get("height") or 224
+    if hub.is_hub(cfg.model.model):  # the model's own input size; images resized on the device
+        size = hub.input_config(cfg.model.model, cfg.model.family)["input_size"]
     for split in (cfg.data.train_split, cfg.data.valid_split):
         if split not in manifest.get("splits", {}):
             have = ", ".join(manifest.get("splits", {}))
@@ -62,11 +64,17 @@ def complete_config(cfg: Config, manifest: dict) -> Config:
                 f"{cfg.data.shards}: no split {split!r} (splits: {have}); "
                 "pass --train-split / --valid-split"
             )
+    if embeddings.is_embedding_set(manifest):
+        fixed = embeddings.config_overrides(cfg, manifest, cfg.data.shards)
+        return replace(cfg, **{**fixed, "data": {"num_classes": n, **fixed["data"]}})
+    if cfg.model.model in embeddings.HEADS:  # a linear / MLP head on the raw pixels
+        return replace(cfg, data={"num_classes": n, "image_size": size},
+                       model={"embed_dim": 3 * size * size})  # fmt: skip
     return replace(cfg, data={"num_classes": n, "image_size": size})
 
 
 def run_dir_for(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.data.dataset}-{cfg.model.model.replace('+', '_')}"
+    name = cfg.train.run_name or f"{cfg.data.dataset}-{hub.safe_name(cfg.model.model)}"
     return Path(cfg.train.runs_dir) / name
 
 
@@ -143,13 +151,15 @@ def class_weights(manifest: dict, split: str, n: int) -> torch.Tensor:
 
 def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> Parts:
     """Model, optimizer, schedule, augmentation, loss and loaders, prepared by Accelerate."""
-    n_cls, size, crop = cfg.data.num_classes, cfg.data.image_size, cfg.augment.crop
+    n_cls, size = cfg.data.num_classes, cfg.data.image_size
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model, num_classes=n_cls, image_size=size)
+    adapt(model, cfg.model)  # --finetune / --grad-checkpointing
     mean, std = _norm(cfg, manifest, model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_dl, valid_dl = loaders(acc, cfg, manifest)
+    augment, eval_transform = _transforms(cfg, manifest, mean, std)
     # The scaled peak lr goes to the optimizer only: the saved config keeps what the user asked.
     optimizer = build_optimizer(
         model, dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, acc.num_processes))
@@ -178,8 +188,8 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
         forward=torch.compile(model) if cfg.model.compile else model,
         optimizer=optimizer,
         scheduler=scheduler,
-        augment=aug.build(cfg.augment.augment, out_size=size, mean=mean, std=std, crop=crop),
-        eval_transform=aug.eval_transform(out_size=size, mean=mean, std=std, crop=crop),
+        augment=augment,
+        eval_transform=eval_transform,
         criterion=criterion,
         train_loader=train_dl,
         valid_loader=valid_dl,
@@ -192,8 +202,20 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     )
 
 
+def _transforms(cfg: Config, manifest: dict, mean, std):
+    """(training augmentation, eval transform) on the device; identity for embedding vectors."""
+    if embeddings.is_embedding_set(manifest):
+        return embeddings.identity, embeddings.identity
+    size, crop = cfg.data.image_size, cfg.augment.crop
+    return (
+        aug.build(cfg.augment.augment, out_size=size, mean=mean, std=std, crop=crop),
+        aug.eval_transform(out_size=size, mean=mean, std=std, crop=crop),
+    )
+
+
 def _norm(cfg: Config, manifest: dict, model: nn.Module):
-    if cfg.augment.normalize == "model" or "mean" not in manifest:
+    # Hub models are normalised as they were pretrained, whatever the dataset's statistics.
+    if cfg.augment.normalize == "model" or "mean" not in manifest or hub.is_hub(cfg.model.model):
         return model_norm(model)
     return tuple(manifest["mean"]), tuple(manifest["std"])
 

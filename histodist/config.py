@@ -142,10 +142,34 @@ class AugmentConfig:
 class ModelConfig:
     model: str = opt(
         "resnet18",
-        "any timm model name, an 'a+b' pair (xception41+nasnetalarge), "
-        "resnet50-dense, resnet152-dense or small-cnn",
+        "any timm model name, hf-hub:ORG/NAME, local-dir:PATH, a known pathology model "
+        "(uni, virchow2, ...), an 'a+b' pair (xception41+nasnetalarge), resnet50-dense, "
+        "resnet152-dense, small-cnn, or linear / mlp (a head on embedding shards)",
     )
-    pretrained: bool = opt(False, "start from timm's hub weights (needs network or HF cache)")
+    pretrained: bool | None = opt(
+        None,
+        "start from pretrained weights (needs network or the HF cache); default: yes for "
+        "hf-hub:/local-dir: and known pathology models, no for timm names",
+    )
+    family: str = opt(
+        "auto",
+        "known foundation-model family whose timm arguments and pooling to use (uni, uni2-h, "
+        "virchow, virchow2, h-optimus-0, h-optimus-1, prov-gigapath); auto = by hub id, "
+        "none = the config.json alone; name it for a local-dir: copy",
+    )
+    finetune: str = opt(
+        "full",
+        "what trains: every layer, the head alone on a frozen backbone (linear probe), or the "
+        "head and the last --unfreeze-blocks blocks of a ViT",
+        choices=("full", "linear", "last-k"),
+    )
+    unfreeze_blocks: int = opt(0, "blocks trained with --finetune last-k (counted from the top)")
+    grad_checkpointing: bool = opt(
+        False, "recompute activations in the backward pass (timm; less memory for large ViTs)"
+    )
+    embed_dim: int = opt(
+        0, "input width of a linear/mlp head on embedding shards; 0 = the embedding manifest's"
+    )
     weights: str | None = opt(
         None,
         "local weights: timm/torchvision state dict, .safetensors, "
@@ -161,6 +185,14 @@ class ModelConfig:
             raise ConfigError(f"--drop-rate {self.drop_rate}: must be in [0, 1)")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs {self.freeze_epochs}: must be >= 0")
+        _check_choices(self)
+        if self.finetune == "last-k" and self.unfreeze_blocks < 1:
+            raise ConfigError("--finetune last-k: pass --unfreeze-blocks K (K >= 1)")
+        if self.finetune != "full" and self.freeze_epochs:
+            raise ConfigError(
+                f"--freeze-epochs with --finetune {self.finetune}: the backbone stays frozen; "
+                "drop one of the two"
+            )
 
 
 @dataclass

@@ -35,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from histodist import epoch_plan
+from histodist import embeddings, epoch_plan
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import DigestReader, iter_tar
 
@@ -309,6 +309,8 @@ def decode_sample(raw: dict, image_size: tuple[int, int] | None) -> dict:
     Only image members, `.cls` and `.json` are read; anything else (`.pyd`, `.pth`, `.pickle`,
     ...) is ignored, so nothing found in a tar is ever unpickled.
     """
+    if embeddings.MEMBER in raw:  # an embedding set (histodist.embed): a float16 vector
+        return embeddings.decode(raw)
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise DataError(f"{raw['__key__']}: no image member (have {sorted(raw)})")

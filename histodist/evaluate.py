@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decode workers per process")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--knn", type=int, default=0, metavar="K",
+                   help="runs on embedding shards: also a K-nearest-neighbour probe with the "
+                   "run's training split as reference (0 = off)")  # fmt: skip
     p.add_argument("--out", help="output folder (default: RUN/eval-<split>)")
     p.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"),
                    help="W&B mode (default: the run's)")  # fmt: skip
@@ -142,6 +145,17 @@ def _check_count(metrics: dict, shards: str, split: str) -> None:
                       "samples (unreadable samples were skipped)", stacklevel=2)  # fmt: skip
 
 
+def _knn(run: inference.Run, args, shards: str | None, split: str | None) -> dict:
+    """The k-NN probe's report (histodist.knn), printed as a table too."""
+    if not run.manifest.get("embedding") or shards is None:
+        raise inference.InputError("--knn: needs a run trained on embedding shards and --shards")
+    from histodist.knn import knn_report
+
+    rep = knn_report(run, shards, split, args.knn, n_boot=args.bootstrap, seed=args.seed)
+    print(report.format_table(rep, f"{split} k-NN probe (k={args.knn})"))
+    return rep
+
+
 def run_eval(args, acc) -> int:
     set_cpu_threads(0, acc.device)  # not accelerate launch's 1 thread on CPU-only machines
     run = inference.load_run(args.run, args.checkpoint)
@@ -164,6 +178,8 @@ def run_eval(args, acc) -> int:
     )
     if shards is not None:
         _check_count(metrics, shards, split)
+    if args.knn:
+        metrics["knn"] = _knn(run, args, shards, split)
     out = Path(args.out) if args.out else run.run_dir / name
     figures = write_outputs(out, metrics, preds, run.classes)
     for level in ("patch", "group_mean", "group_max"):

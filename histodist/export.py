@@ -125,7 +125,28 @@ def export_onnx(model, x: torch.Tensor, path: Path, opset: int) -> torch.Tensor 
     return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
 
 
+def _embedding_input(emb: dict) -> dict:
+    """The input of a head on embeddings: the vector histodist.embed writes, no preprocessing."""
+    return {
+        "input": {
+            "name": "input",
+            "shape": ["batch", emb["dim"], 1, 1],
+            "dtype": "float32",
+            "layout": "embedding vector as (D, 1, 1)",
+        },  # fmt: skip
+        "preprocess": f"the image embedding of {emb['model']} (python -m histodist.embed; "
+        f"weights sha256 {emb['weights_sha256']}, preprocessing {emb['preprocessing']})",
+        "embedding": emb,
+    }
+
+
 def preprocess_json(run: inference.Run, fmt: str, file: str, diff: float | None) -> dict:
+    if run.manifest.get("embedding"):
+        return {**_image_json(run, fmt, file, diff), **_embedding_input(run.manifest["embedding"])}
+    return _image_json(run, fmt, file, diff)
+
+
+def _image_json(run: inference.Run, fmt: str, file: str, diff: float | None) -> dict:
     s = run.image_size
     return {
         "format": fmt,

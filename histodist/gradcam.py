@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al., 2017) with forward hooks: where a CNN looked for a class.
+"""Grad-CAM (Selvaraju et al., 2017) with forward hooks: where a CNN or ViT looked for a class.
 
 The heatmap of image b for class c is ReLU(sum_k w_k A_k), where A is the activation of a
 convolutional layer and w_k the spatial mean of d logit_c / d A_k; it is upsampled to the input
@@ -13,10 +13,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _vit(model: nn.Module) -> nn.Module | None:
+    """The timm ViT inside `model` (itself, or the backbone of hub.ClsMeanPool), else None."""
+    vit = getattr(model, "backbone", model)
+    return vit if hasattr(vit, "blocks") and hasattr(vit, "num_prefix_tokens") else None
+
+
+def _token_map(t: torch.Tensor, prefix: int) -> torch.Tensor:
+    """ViT tokens (B, prefix + h*w, D) -> patch-token map (B, D, h, w) of a square grid."""
+    patches = t[:, prefix:]
+    side = int(round(patches.shape[1] ** 0.5))
+    return patches.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
+
+
 def default_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """The module whose output is the last feature map (4-D, more than 1x1) in the forward pass
-    of ``x``: for timm ResNets the last stage, for plain CNNs the last conv block. Running the
-    model once finds it whatever the architecture names its modules."""
+    of ``x``: for timm ResNets the last stage, for plain CNNs the last conv block; for ViTs the
+    input of the last transformer block (its patch tokens are the map). Running the model once finds it
+    whatever the architecture names its modules."""
+    vit = _vit(model)
+    if vit is not None:
+        # The last block's input (after its first norm): with class-token pooling the last
+        # block's output patch tokens reach no logit, so their gradient is zero.
+        return getattr(vit.blocks[-1], "norm1", vit.blocks[-1])
     seen: list[nn.Module] = []
 
     def hook(module, _inp, out):
@@ -63,6 +82,9 @@ def gradcam(
     finally:
         handle.remove()
     act, grad = store["act"].detach(), store["grad"]
+    if act.ndim == 3:  # ViT tokens: the patch tokens laid out on their grid
+        prefix = int(_vit(model).num_prefix_tokens)
+        act, grad = _token_map(act, prefix), _token_map(grad, prefix)
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * act).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

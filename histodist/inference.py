@@ -41,9 +41,10 @@ def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
     from histodist.checkpoint import CheckpointError
     from histodist.config import ConfigError
     from histodist.data import DataError
+    from histodist.hub import HubError
     from histodist.remote import ShardError
 
-    user_errors = (InputError, CheckpointError, ConfigError, DataError, ShardError)
+    user_errors = (InputError, CheckpointError, ConfigError, DataError, ShardError, HubError)
     try:
         return fn(*args)
     except (*user_errors, FileNotFoundError, *extra) as e:
@@ -77,6 +78,10 @@ class Run:
         """uint8 (B,C,H,W) -> the model's normalised input, exactly as in validation."""
         from histodist.augment import eval_transform
 
+        if self.manifest.get("embedding"):  # a head on embedding vectors: no image transform
+            from histodist.embeddings import identity
+
+            return identity
         return eval_transform(out_size=self.image_size, mean=self.mean, std=self.std,
                               crop=self.crop)  # fmt: skip
 
@@ -259,8 +264,10 @@ def gather(accelerator, preds: Predictions) -> Predictions:
 def shard_batches(run: Run, shards: str, split: str, *, batch_size: int, rank: int = 0,
                   world_size: int = 1, workers: int = 2) -> Iterable[dict]:  # fmt: skip
     """The run's evaluation loader over ``shards``/``split`` for one rank."""
-    from histodist.data import eval_loader
+    from histodist.data import eval_loader, load_manifest
+    from histodist.embeddings import check_compatible
 
+    check_compatible(run.manifest, load_manifest(shards), shards)
     img = run.manifest.get("image") or {}
     size = None if img.get("height") else run.load_size  # varying sizes: resize to batch
     return eval_loader(
@@ -391,6 +398,11 @@ def file_batches(
     workers: int = 2,
 ) -> torch.utils.data.DataLoader:
     """Batches over this rank's share (items r::world) of image files."""
+    if run.manifest.get("embedding"):
+        raise InputError(
+            f"{run.run_dir}: a head on {run.manifest['embedding']['model']} embeddings reads "
+            "embedding shards only; embed the images with histodist.embed and pass those shards"
+        )
     return torch.utils.data.DataLoader(
         ImageFiles(list(items)[rank::world_size], run.load_size),
         batch_size=batch_size,

@@ -6,7 +6,10 @@
   (the seeds' `xception41+nasnetalarge`);
 - `resnet50-dense`: ResNet50 with a 128-64 dense head;
 - `resnet152-dense`: ResNet152 with a 1000-unit dense head and dropout 0.25;
-- `small-cnn`: a four-block CNN for quick baselines.
+- `small-cnn`: a four-block CNN for quick baselines;
+- `hf-hub:ORG/NAME`, `local-dir:PATH` and the short names of histodist.hub.KNOWN (pathology
+  foundation models, built with their authors' timm arguments and pooling);
+- `linear` / `mlp`: a head on embedding vectors (`histodist.embed`), input width `embed_dim`.
 Every model maps float32 (B, 3, H, W) normalised images to (B, num_classes) logits and exposes
 `head_parameters(model)`, the parameters trained while the backbone is frozen.
 """
@@ -21,7 +24,9 @@ import timm
 import torch
 from torch import nn
 
+from histodist import hub
 from histodist.config import ConfigError, ModelConfig
+from histodist.embeddings import HEADS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,6 +95,28 @@ class DenseHeadNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+class EmbeddingHead(nn.Module):
+    """A linear or one-hidden-layer MLP head on precomputed embeddings: float (B, D) or
+    (B, D, 1, 1) -> (B, num_classes) logits. No backbone: everything here trains."""
+
+    def __init__(self, dim: int, num_classes: int, *, hidden: int = 0, drop_rate: float = 0.0):
+        super().__init__()
+        if dim <= 0:
+            raise ValueError("an embedding head needs embed_dim > 0 (from the embedding manifest)")
+        layers: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop_rate)]
+        layers += [nn.Dropout(drop_rate), nn.Linear(hidden or dim, num_classes)]
+        self.head = nn.Sequential(*layers)
+        self.pretrained_cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.float())
+
+
+MLP_HIDDEN = 256  # width of the `mlp` head's hidden layer
+
+
 class SmallCNN(nn.Module):
     """Four conv-BN-ReLU-pool blocks (32..256 channels) and a linear head; any input >= 16 px."""
 
@@ -124,13 +151,17 @@ def check_model_name(name: str) -> None:
     from timm.models import is_model, parse_model_name
 
     def known(n: str) -> bool:
+        if hub.is_hub(n):
+            return True  # hub names are checked when loaded
         source, arch = parse_model_name(n)
-        return source is not None or is_model(arch)  # hub names are checked when loaded
+        return source is not None or is_model(arch)
 
+    whole = (*LOCAL_MODELS, *HEADS)
     parts = name.split("+", 1) if "+" in name else [name]
-    bad = [n for n in parts if not (n in LOCAL_MODELS and len(parts) == 1 or known(n))]
+    bad = [n for n in parts if not (n in whole and len(parts) == 1 or known(n))]
     if bad:
-        close = difflib.get_close_matches(bad[0], [*LOCAL_MODELS, *timm.list_models()], n=4)
+        names = [*whole, *hub.KNOWN, *timm.list_models()]
+        close = difflib.get_close_matches(bad[0], names, n=4)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
         raise ConfigError(f"--model {name!r}: unknown model {bad[0]!r}; {hint}")
 
@@ -139,9 +170,16 @@ def build_model(cfg: ModelConfig, *, num_classes: int, image_size: int | None = 
     """The model named by `cfg.model` with `num_classes` outputs, on CPU in train mode.
     `--pretrained` loads timm hub weights into every timm backbone; `--weights` loads a local
     file."""
-    name, pre, drop = cfg.model, cfg.pretrained, cfg.drop_rate
+    name, pre, drop = cfg.model, bool(cfg.pretrained), cfg.drop_rate
     if name == "small-cnn":
         model: nn.Module = SmallCNN(num_classes, drop)
+    elif name in HEADS:
+        hidden = MLP_HIDDEN if name == "mlp" else 0
+        model = EmbeddingHead(cfg.embed_dim, num_classes, hidden=hidden, drop_rate=drop)
+    elif hub.is_hub(name):
+        # The point of naming a hub checkpoint is its weights: loaded unless --no-pretrained.
+        model = hub.create(name, family_name=cfg.family, num_classes=num_classes, drop_rate=drop,
+                           pretrained=cfg.pretrained is not False)  # fmt: skip
     elif name == "resnet50-dense":
         model = DenseHeadNet(
             _timm("resnet50", pretrained=pre, num_classes=0), (128, 64), num_classes, drop
@@ -175,6 +213,8 @@ def model_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the classifier head (trained while the backbone is frozen)."""
+    if isinstance(model, EmbeddingHead):
+        return list(model.parameters())
     if hasattr(model, "head") and isinstance(model, PairNet | DenseHeadNet | SmallCNN):
         return list(model.head.parameters())
     if hasattr(model, "get_classifier"):
@@ -188,6 +228,46 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for p in model.parameters():
         if id(p) not in head:
             p.requires_grad_(trainable)
+
+
+def adapt(model: nn.Module, cfg: ModelConfig) -> None:
+    """Apply --finetune (full | linear | last-k with --unfreeze-blocks) and
+    --grad-checkpointing to a freshly built model, before the optimizer sees it."""
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"--grad-checkpointing: {cfg.model} does not support it (timm only)")
+        model.set_grad_checkpointing(True)
+    if cfg.finetune == "full":
+        return
+    set_backbone_trainable(model, False)
+    if cfg.finetune == "last-k":
+        for p in last_blocks_parameters(model, cfg.unfreeze_blocks, cfg.model):
+            p.requires_grad_(True)
+
+
+def last_blocks_parameters(model: nn.Module, k: int, name: str = "model") -> list[nn.Parameter]:
+    """Parameters of the last `k` transformer blocks and of everything after them (final norm,
+    pooling) of a ViT-like timm model (one with `.blocks`)."""
+    vit = getattr(model, "backbone", model)
+    blocks = getattr(vit, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not len(blocks):
+        raise ConfigError(f"--finetune last-k: {name} has no .blocks (ViT-like timm models only)")
+    if k > len(blocks):
+        raise ConfigError(f"--unfreeze-blocks {k}: {name} has only {len(blocks)} blocks")
+    params = [p for b in list(blocks)[-k:] for p in b.parameters()]
+    for attr in ("norm", "fc_norm", "attn_pool"):
+        m = getattr(vit, attr, None)
+        if isinstance(m, nn.Module):
+            params += list(m.parameters())
+    return params
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features float (B, D) of a timm model (or ClsMeanPool) built with
+    num_classes=0: what a linear probe sees."""
+    if hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model(x)
 
 
 # ----------------------------------------------------------------------------- weights

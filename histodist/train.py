@@ -15,6 +15,7 @@ from histodist.checkpoint import CheckpointError
 from histodist.config import Config, ConfigError, parse_args
 from histodist.data import DataError, load_manifest
 from histodist.distributed import set_cpu_threads, set_determinism
+from histodist.hub import HubError
 from histodist.models import WeightsError, check_model_name
 from histodist.optim import global_batch, scaled_lr
 from histodist.remote import ShardError
@@ -27,6 +28,7 @@ ERRORS = (
     WeightsError,
     AugmentError,
     CheckpointError,
+    HubError,
 )
 EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
 

@@ -100,3 +100,34 @@ def test_heatmaps_of_a_centre_cropped_run_cover_only_the_crop(pcam_jpeg, tmp_pat
     inside = torch.zeros(96, 96, dtype=torch.bool)
     inside[24:72, 24:72] = True
     assert (cams[:, ~inside] == 0).all() and (cams[:, inside] > 0).any()
+
+
+@pytest.mark.slow
+def test_gradcam_on_a_vit_peaks_near_the_planted_square():
+    """ViTs: the patch tokens entering the last block, laid out on their grid, are the map."""
+    import timm
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=4, embed_dim=32,
+                            depth=2, num_heads=2, reg_tokens=2, num_classes=2)  # fmt: skip
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(150):
+        x, y, _ = planted(32, gen)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x, y, pos = planted(64, gen)
+    assert (net(x).argmax(1) == y).float().mean() > 0.8
+    assert default_layer(net, x) is net.blocks[-1].norm1
+    x, pos = x[y == 1], pos[y == 1]
+    cam, _ = gradcam(net, x, torch.ones(len(x), dtype=torch.long))
+    assert cam.shape == (len(x), SIZE, SIZE) and cam.min() >= 0 and cam.max() <= 1
+    peak = cam.flatten(1).argmax(1)
+    r, c = peak // SIZE, peak % SIZE
+    near = 4  # one patch: the map's resolution
+    inside = ((r >= pos[:, 0] - near) & (r < pos[:, 0] + SQUARE + near)
+              & (c >= pos[:, 1] - near) & (c < pos[:, 1] + SQUARE + near))  # fmt: skip
+    assert inside.float().mean() > 0.9, f"{int((~inside).sum())} of {len(x)} peak elsewhere"

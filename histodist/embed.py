@@ -1,0 +1,286 @@
+"""Embed a shard set once with a frozen backbone; heads then train on the vectors in seconds.
+
+    python -m histodist.embed --model hf-hub:MahmoodLab/UNI --shards shards/pcam --out emb/pcam-uni
+    accelerate launch -m histodist.embed --model virchow2 --shards S --out E   # several GPUs/nodes
+
+Every input shard becomes one output shard of the same name holding the same samples (float16
+vectors, histodist.embeddings), so rank r embeds shards r::world (the evaluation loader's split:
+every sample exactly once) and needs no gather. A shard is written as `<name>.tmp` and renamed
+when complete; its record in `.shardinfo/` names the weights, the preprocessing and the input
+shard's sha256, so a re-run skips every complete shard. The main process then writes the
+manifest (model, weights sha256, hub revision, preprocessing, dimension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from histodist import data, embeddings, hub
+from histodist.models import features
+from histodist.shard_writer import INFO_DIR, sha256_file
+from histodist.version import version_string
+
+WRITER_VERSION = 1  # bump when the bytes written for the same inputs change
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histodist.embed", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="hf-hub:ORG/NAME, local-dir:PATH, a known "
+                   "pathology model (uni, virchow2, ...) or a timm name")  # fmt: skip
+    p.add_argument("--shards", required=True, help="image shard folder or URL base")
+    p.add_argument("--out", required=True, help="output folder of the embedding shards")
+    p.add_argument("--split", nargs="+", help="splits to embed (default: all)")
+    p.add_argument("--family", default="auto", help="known model family of a local-dir: copy")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="load pretrained weights (default: yes for hub models, no for timm "
+                   "names, which then embed with random weights seeded by --seed)")  # fmt: skip
+    p.add_argument("--weights", help="local weights file loaded into the backbone")
+    p.add_argument("--image-size", type=int, default=0, help="input size (0: the model's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: inline)")
+    p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
+                   help="autocast of the forward pass")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
+    return p
+
+
+def load_backbone(args) -> torch.nn.Module:
+    """The frozen feature extractor (num_classes=0), eval mode, on the CPU; same weights on
+    every rank (random init is seeded)."""
+    from histodist.config import ModelConfig
+    from histodist.models import build_model
+
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig(model=args.model, pretrained=args.pretrained, family=args.family,
+                      weights=args.weights)  # fmt: skip
+    model = build_model(cfg, num_classes=0, image_size=args.image_size or None)
+    return model.eval().requires_grad_(False)
+
+
+def preprocessing(model: torch.nn.Module, image_size: int = 0) -> dict:
+    """What the images go through: resize (bilinear, antialias) to the model's input size,
+    scale to [0, 1], normalise with the model's mean/std."""
+    pc = getattr(model, "pretrained_cfg", None) or {}
+    size = image_size or int(pc.get("input_size", (3, 224, 224))[-1])
+    mean, std = pc.get("mean", hub.IMAGENET[0]), pc.get("std", hub.IMAGENET[1])
+    return {"input_size": size, "resize": "bilinear-antialias", "crop": 1.0,
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # fmt: skip
+
+
+def source_info(name: str) -> dict:
+    """Where the weights came from: hub id and revision (commit of the cached snapshot),
+    local folder, or a timm name."""
+    name = hub.resolve(name)
+    if name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo = name.split(":", 1)[1]
+        with hub.hub_errors(name):
+            path = Path(hf_hub_download(repo.split("@")[0], "config.json"))
+        return {"source": "hf-hub", "repo": repo, "revision": path.parent.name}
+    if name.startswith("local-dir:"):
+        return {"source": "local-dir", "path": str(Path(name.split(":", 1)[1]).resolve())}
+    return {"source": "timm", "name": name}
+
+
+def describe(model: torch.nn.Module, args) -> dict:
+    """The identity of the embeddings: model name, source, weights sha256, preprocessing, dim."""
+    pre = preprocessing(model, args.image_size)
+    probe = torch.zeros(1, 3, pre["input_size"], pre["input_size"])
+    with torch.no_grad():
+        dim = int(features(model, probe).shape[1])
+    return {"model": args.model, **source_info(args.model),
+            "weights_sha256": hub.weights_sha256(model), "preprocessing": pre, "dim": dim}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one shard
+def fingerprint(identity: dict, shard: dict) -> str:
+    blob = json.dumps(
+        [WRITER_VERSION, identity, shard.get("sha256"), shard["name"]], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def complete(out: Path, name: str, fp: str) -> dict | None:
+    """The record of a finished output shard whose file still matches it, else None."""
+    info = out / INFO_DIR / f"{name}.json"
+    try:
+        rec = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    path = out / name
+    ok = rec.get("fingerprint") == fp and path.is_file() and rec.get("bytes") == path.stat().st_size
+    return rec if ok and sha256_file(path) == rec.get("sha256") else None
+
+
+def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(payload), 0o444, 0  # reproducible bytes
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@torch.no_grad()
+def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, args) -> int:
+    """Embed one input shard into `out_path` (temp name + rename); returns its sample count."""
+    loader = data.from_urls([url], batch_size=args.batch_size, rank=0, world_size=1,
+                            num_samples=expected, train=False, workers=args.workers,
+                            image_size=args.load_size)  # fmt: skip
+    tmp, n = out_path.with_name(out_path.name + ".tmp"), 0
+    try:
+        with (
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            for batch in loader:
+                x = transform(batch["image"].to(acc.device, non_blocking=True))
+                with acc.autocast():
+                    feats = features(model, x).float().cpu().numpy()
+                for key, label, group, vec in zip(batch["key"], batch["label"].tolist(),
+                                                  batch["group"], feats, strict=True):  # fmt: skip
+                    _member(tar, f"{key}.{embeddings.MEMBER}", embeddings.encode(vec))
+                    if label >= 0:
+                        _member(tar, f"{key}.cls", str(label).encode())
+                    _member(tar, f"{key}.json", json.dumps({"group": group}).encode())
+                    n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial shard behind
+        raise
+    if n != expected:
+        tmp.unlink(missing_ok=True)
+        raise data.ShardError(f"{url}: embedded {n} samples, manifest says {expected}")
+    os.replace(tmp, out_path)
+    return n
+
+
+def _write_record(out: Path, name: str, rec: dict) -> None:
+    path = out / INFO_DIR / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the set
+def embed_split(acc, model, transform, manifest: dict, split: str, identity: dict, args) -> dict:
+    """Embed this rank's shards (r::world) of `split`; complete shards are skipped.
+    Returns {"embedded": n, "reused": n} samples."""
+    out, counts = Path(args.out), {"embedded": 0, "reused": 0}
+    entries = manifest["splits"][split]["shards"]
+    for e in data.split_by_rank(entries, acc.process_index, acc.num_processes):
+        fp = fingerprint(identity, e)
+        if complete(out, e["name"], fp) is not None:
+            counts["reused"] += int(e["num_samples"])
+            continue
+        url = data.join_url(args.shards, e["name"])
+        n = embed_shard(acc, model, transform, url, int(e["num_samples"]), out / e["name"], args)
+        path = out / e["name"]
+        rec = {"name": e["name"], "num_samples": n, "bytes": path.stat().st_size,
+               "sha256": sha256_file(path), "fingerprint": fp}  # fmt: skip
+        _write_record(out, e["name"], rec)
+        counts["embedded"] += n
+    return counts
+
+
+def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
+    """The embedding set's manifest.json from the input manifest and the shard records."""
+    out, split_m = Path(args.out), {}
+    for split in splits:
+        s = src["splits"][split]
+        recs = []
+        for e in s["shards"]:
+            rec = complete(out, e["name"], fingerprint(identity, e))
+            if rec is None:
+                raise data.ShardError(f"{out / e['name']}: missing or incomplete; re-run embed")
+            recs.append({k: rec[k] for k in ("name", "num_samples", "bytes", "sha256")})
+        split_m[split] = {**{k: v for k, v in s.items() if k != "shards"}, "shards": recs}
+    blob = json.dumps(src, sort_keys=True).encode()
+    return {
+        "format": src["format"],
+        "kind": embeddings.KIND,
+        "dataset": src.get("dataset"),
+        "classes": src["classes"],
+        "task": src.get("task"),
+        "group_by": src.get("group_by"),
+        "encoding": "float16-npy",
+        "image": None,
+        "embedding": {
+            **identity,
+            "dtype": "float16",
+            "member": embeddings.MEMBER,
+            "source_shards": args.shards,
+            "source_manifest_sha256": hashlib.sha256(blob).hexdigest(),
+        },  # fmt: skip
+        "splits": split_m,
+        "command": "python -m histodist.embed " + " ".join(sys.argv[1:]),
+        "histodist_version": version_string(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def previous_splits(out: Path, identity: dict) -> list[str]:
+    """Splits an earlier run of the same weights and preprocessing wrote to `out` (so that
+    `--split valid` then `--split train` leave a manifest listing both)."""
+    try:
+        prev = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    emb = prev.get("embedding") or {}
+    same = all(emb.get(k) == identity[k] for k in ("weights_sha256", "preprocessing", "dim"))
+    return list(prev.get("splits", {})) if same else []
+
+
+def run(args) -> int:
+    from accelerate import Accelerator
+
+    from histodist.augment import eval_transform
+
+    acc = Accelerator(mixed_precision=args.precision)
+    manifest = data.load_manifest(args.shards)
+    splits = args.split or list(manifest["splits"])
+    for s in splits:
+        data.split_shards(manifest, s, args.shards)  # a missing split fails before any work
+    model = load_backbone(args)
+    identity = describe(model, args)
+    pre = identity["preprocessing"]
+    model.to(acc.device)
+    size = pre["input_size"]
+    args.load_size = None if manifest.get("image") else (size, size)
+    transform = eval_transform(out_size=size, mean=pre["mean"], std=pre["std"])
+    out = Path(args.out)
+    (out / INFO_DIR).mkdir(parents=True, exist_ok=True)
+    t0, total = time.perf_counter(), {"embedded": 0, "reused": 0}
+    for split in splits:
+        for k, v in embed_split(acc, model, transform, manifest, split, identity, args).items():
+            total[k] += v
+    dt = time.perf_counter() - t0
+    print(f"rank {acc.process_index}: embedded {total['embedded']} samples "
+          f"({total['embedded'] / max(dt, 1e-9):.1f} img/s), {total['reused']} reused")  # fmt: skip
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        kept = [s for s in previous_splits(out, identity) if s not in splits]
+        m = build_manifest(manifest, splits + kept, identity, args)
+        tmp = out / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(m, indent=1))
+        os.replace(tmp, out / "manifest.json")
+        print(f"{out}/manifest.json: {identity['dim']}-d float16 embeddings of {args.model}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from histodist.inference import run_cli
+
+    return run_cli("embed", run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
