@@ -91,11 +91,10 @@ class DataConfig:
         _check_choices(self)
         if self.num_classes < 0 or self.num_classes == 1:
             raise ConfigError(f"--num-classes {self.num_classes}: use 0 (from manifest) or >= 2")
-        if self.image_size < 0 or 0 < self.image_size < MIN_IMAGE_SIZE:
-            raise ConfigError(
-                f"--image-size {self.image_size}: use 0 (the manifest's size) or "
-                f">= {MIN_IMAGE_SIZE} (the networks downsample 32x)"
-            )
+        # 1 is set by histodist itself for embedding shards ((D, 1, 1) vectors); a user's
+        # --image-size 1 is refused by resolve_namespace.
+        if self.image_size < 0 or 1 < self.image_size < MIN_IMAGE_SIZE:
+            _bad_image_size(self.image_size)
         _check_min(self, shuffle_buffer=0)
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be >= 0")
@@ -520,7 +519,17 @@ def resolve_namespace(ns: dict) -> Config:
     layers = _merge(layers, RECIPES[recipe], f"recipe {recipe}")
     layers = _merge(layers, yaml_layer, "--config")
     layers = _merge(layers, flags, "flags")
-    return from_dict(layers)
+    cfg = from_dict(layers)
+    if cfg.data.image_size == 1:
+        _bad_image_size(1)
+    return cfg
+
+
+def _bad_image_size(size: int) -> None:
+    raise ConfigError(
+        f"--image-size {size}: use 0 (the manifest's size) or "
+        f">= {MIN_IMAGE_SIZE} (the networks downsample 32x)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
