@@ -27,9 +27,20 @@ class TrainError(RuntimeError):
     """A run that cannot start (existing run folder, missing split, ...); message says the fix."""
 
 
+def resolve_precision(cfg: Config):
+    """`--precision auto` resolved for this process's device (histodist.precision): the config
+    with the chosen precision, and the Choice (precision and why)."""
+    from accelerate import PartialState
+
+    from histodist.precision import resolve
+
+    choice = resolve(cfg.train.precision, PartialState().device)
+    return replace(cfg, train={"precision": choice.precision}), choice
+
+
 def make_accelerator(cfg: Config):
-    """The only Accelerator: precision, W&B (main process only), DDP options.
-    Returns (accelerator, use_wandb, message or None)."""
+    """The only Accelerator: precision (already resolved, see resolve_precision), W&B (main
+    process only), DDP options. Returns (accelerator, use_wandb, message or None)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mode, msg = resolve_wandb_mode(cfg.log.wandb)
@@ -38,7 +49,7 @@ def make_accelerator(cfg: Config):
     # Frozen backbone parameters produce no gradients; DDP must be told to expect that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.freeze_epochs > 0)
     acc = Accelerator(
-        mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
+        mixed_precision=cfg.train.precision,
         log_with="wandb" if mode != "disabled" else None,
         step_scheduler_with_optimizer=False,  # our scheduler counts optimizer steps itself
         kwargs_handlers=[ddp],
@@ -70,9 +81,9 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.runs_dir) / name
 
 
-def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
-    """Create runs/<name>/ with config.yaml and manifest.json; refuse to overwrite a run that
-    holds a checkpoint unless --resume."""
+def prepare_run_dir(acc, cfg: Config, manifest: dict, note: str | None = None) -> Path:
+    """Create runs/<name>/ with config.yaml (`note` as its leading comment) and manifest.json;
+    refuse to overwrite a run that holds a checkpoint unless --resume."""
     run_dir = run_dir_for(cfg)
     if (run_dir / "checkpoints" / "last").is_dir() and not cfg.train.resume:
         raise TrainError(
@@ -81,7 +92,7 @@ def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
         )
     if acc.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", note=note)
         tmp = run_dir / ".manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(run_dir / "manifest.json")
