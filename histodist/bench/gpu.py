@@ -267,9 +267,11 @@ def training_run(args, shards: str, work: Path, checks: Checks) -> tuple[dict, P
             "--image-size", str(args.train_image_size), "--epochs", str(args.train_epochs),
             "--eval-every", str(args.eval_every), "--seed", str(args.seed), "--wandb",
             "disabled", "--no-progress", "--runs-dir", str(run_dir.parent), "--run-name",
-            run_dir.name, "--workers", str(args.workers)]  # fmt: skip
-    if args.device == "cpu":
+            run_dir.name]  # fmt: skip
+    if args.device == "cpu":  # CI-sized: tiny batches, decoding in the main process
         argv += ["--batch-size", str(args.batch_size), "--workers", "0"]
+    else:
+        argv += ["--workers", str(args.workers)]
     t0 = time.perf_counter()
     _cli("histodist.train", argv, _env(args.device), work / "train.log")
     wall = time.perf_counter() - t0
