@@ -229,7 +229,7 @@ def largest_batch(args, shards: str, runs: str, checks: Checks) -> dict:
                 torch.cuda.synchronize(dev)
                 peak = round(torch.cuda.max_memory_allocated(dev) / 2**20)
             fits, b = b, b * 2
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError only from torch 2.5
             break
         finally:
             p.optimizer.zero_grad(set_to_none=True)
