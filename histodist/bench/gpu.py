@@ -3,7 +3,7 @@
     python -m histodist.bench gpu [--shards DIR] [--json bench-results/gpu.json]
     python -m histodist.bench gpu --device cpu --shards DIR      # the CI-sized run
 
-On a CUDA device (about 6 minutes on an H100/H200), with only the package and the repository's
+On a CUDA device (sized for under 8 minutes on an H100/H200; not yet timed on one), with only the package and the repository's
 PCam sample (sharded into --work first when --shards is not given):
   device: name, compute capability, memory, driver, torch / CUDA / cuDNN versions;
   throughput: resnet50, bf16, channels_last, at 96 and 224 px, each without and with
