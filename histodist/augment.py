@@ -51,11 +51,18 @@ def to_float(x: Tensor) -> Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A constant (nested tuple of floats) as a tensor on `device`, made once per device and
+    dtype: building it per batch is a blocking host-to-device copy on a GPU."""
+    return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or float [0, 1] (B,C,H,W) -> float32 (x - mean) / std, per channel."""
     x = to_float(x)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m = _on_device(tuple(map(float, mean)), x.device, x.dtype).view(1, -1, 1, 1)
+    s = _on_device(tuple(map(float, std)), x.device, x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -140,8 +147,9 @@ def random_affine(
     a[:, :, :2] /= zoom.view(b, 1, 1)
     if p >= 1.0:  # every sample drawn; decided from p, so no device-to-host sync here
         return _sample_grid(x, a)
-    idx = on.nonzero().squeeze(1)  # resample only the samples drawn: the rest stay exact
-    return x.index_copy(0, idx, _sample_grid(x[idx], a[idx])) if idx.numel() else x
+    # Resample the whole batch and keep the drawn samples, the rest exact: selecting the drawn
+    # ones first (nonzero) would wait for the device to know how many there are.
+    return torch.where(_per_sample(on), _sample_grid(x, a), x)
 
 
 def random_resized_crop(
@@ -172,18 +180,22 @@ def random_resized_crop(
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _LOG_ADJUST = math.log(1e-6)
+# The same float32 values as nested tuples, the keys of their per-device copies (_on_device).
+_RGB_FROM_HED = tuple(map(tuple, RGB_FROM_HED.tolist()))
+_HED_FROM_RGB = tuple(map(tuple, HED_FROM_RGB.tolist()))
 
 
 def rgb_to_hed(x: Tensor) -> Tensor:
     """float RGB [0, 1] (B,3,H,W) -> haematoxylin/eosin/DAB stain densities (B,3,H,W), like
     skimage.color.rgb2hed but without clipping negatives (so hed_to_rgb inverts it)."""
     od = torch.log(x.clamp(min=1e-6)) / _LOG_ADJUST
-    return torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(x))
+    return torch.einsum("bchw,cd->bdhw", od, _on_device(_HED_FROM_RGB, x.device, x.dtype))
 
 
 def hed_to_rgb(hed: Tensor) -> Tensor:
     """Stain densities (B,3,H,W) -> float RGB in [0, 1] (inverse of rgb_to_hed)."""
-    log_rgb = torch.einsum("bchw,cd->bdhw", hed, RGB_FROM_HED.to(hed)) * _LOG_ADJUST
+    r = _on_device(_RGB_FROM_HED, hed.device, hed.dtype)
+    log_rgb = torch.einsum("bchw,cd->bdhw", hed, r) * _LOG_ADJUST
     return torch.exp(log_rgb).clamp(0.0, 1.0)
 
 
@@ -209,7 +221,8 @@ def hed_jitter(
     on = _coin(gen, b, p).view(b, 1)
     alpha = torch.where(on, _uniform(gen, b * 3, 1 - sigma, 1 + sigma).view(b, 3), 1.0)
     beta = torch.where(on, _uniform(gen, b * 3, -bias, bias).view(b, 3), 0.0)
-    h, r = HED_FROM_RGB.to(x), RGB_FROM_HED.to(x)
+    h = _on_device(_HED_FROM_RGB, x.device, x.dtype)
+    r = _on_device(_RGB_FROM_HED, x.device, x.dtype)
     m = r.T @ (alpha.unsqueeze(-1) * h.T)  # (B,3,3): R^T diag(alpha) H^T
     c = _LOG_ADJUST * (beta @ r)  # (B,3)
     y = _per_sample_linear(x.clamp(min=1e-6).log_(), m, c).exp_().clamp_(0.0, 1.0)
@@ -218,19 +231,24 @@ def hed_jitter(
 
 
 _GRAY = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+@functools.lru_cache(maxsize=16)
+def _yiq(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(RGB -> YIQ, its inverse) on `device`: inverted once on the CPU, where the inverse's
+    error check costs no device-to-host sync, then copied once per device."""
+    to_yiq = torch.tensor(_TO_YIQ, dtype=dtype)
+    return to_yiq.to(device), torch.linalg.inv(to_yiq).to(device)
 
 
 def _hue_matrix(angle: Tensor) -> Tensor:
     """(B,3,3) RGB maps rotating hue by per-sample angles (radians) in YIQ space."""
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=angle.dtype,
-        device=angle.device,
-    )
+    to_yiq, from_yiq = _yiq(angle.device, angle.dtype)
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], 1).view(-1, 3, 3)
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    return from_yiq @ rot @ to_yiq
 
 
 def color_jitter(
@@ -262,7 +280,7 @@ def color_jitter(
     fb, fc, fs = factor(brightness), factor(contrast), factor(saturation)
     angle = torch.where(on, _uniform(gen, b, -hue, hue), 0.0) * 2 * math.pi if hue else None
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
-    gray = torch.tensor(_GRAY, dtype=x.dtype, device=x.device)
+    gray = _on_device(_GRAY, x.device, x.dtype)
     # saturation: y = f y + (1 - f) gray(y) 1  ->  f I + (1 - f) 1 w^T
     sat = fs.view(b, 1, 1) * eye + (1 - fs).view(b, 1, 1) * gray.view(1, 1, 3).expand(b, 3, 3)
     m = sat if angle is None else _hue_matrix(angle) @ sat

@@ -27,9 +27,21 @@ class TrainError(RuntimeError):
     """A run that cannot start (existing run folder, missing split, ...); message says the fix."""
 
 
+def resolve_precision(cfg: Config):
+    """`--precision auto` resolved for this process's device (histodist.precision): the config
+    with the chosen precision, and the Choice (precision and why)."""
+    from accelerate import PartialState
+
+    from histodist.precision import resolve
+
+    choice = resolve(cfg.train.precision, PartialState().device)
+    return replace(cfg, train={"precision": choice.precision}), choice
+
+
 def make_accelerator(cfg: Config):
-    """The only Accelerator: precision, W&B (main process only), DDP options.
-    Returns (accelerator, W&B mode "online" | "offline" | "disabled", message or None)."""
+    """The only Accelerator: precision (already resolved, see resolve_precision), W&B (main
+    process only), DDP options. Returns (accelerator, W&B mode "online" | "offline" |
+    "disabled", message or None)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mode, msg = resolve_wandb_mode(cfg.log.wandb)
@@ -38,7 +50,7 @@ def make_accelerator(cfg: Config):
     # Frozen backbone parameters produce no gradients; DDP must be told to expect that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.freeze_epochs > 0)
     acc = Accelerator(
-        mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
+        mixed_precision=cfg.train.precision,
         log_with="wandb" if mode != "disabled" else None,
         step_scheduler_with_optimizer=False,  # our scheduler counts optimizer steps itself
         kwargs_handlers=[ddp],
@@ -78,11 +90,11 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.runs_dir) / name
 
 
-def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
-    """runs/<name>/ for this run. A new run gets config.yaml and manifest.json now; a run that
-    holds a checkpoint needs --resume, and its saved config is checked against this one (the
-    files are rewritten only once its state has loaded, by resume_state). The main process
-    looks at the folder and broadcasts what it found."""
+def prepare_run_dir(acc, cfg: Config, manifest: dict, note: str | None = None) -> Path:
+    """runs/<name>/ for this run. A new run gets config.yaml (`note` as its leading comment)
+    and manifest.json now; a run that holds a checkpoint needs --resume, and its saved config
+    is checked against this one (the files are rewritten only once its state has loaded, by
+    resume_state). The main process looks at the folder and broadcasts what it found."""
     from histodist.checkpoint import broadcast, has_checkpoint, resume_conflicts
 
     run_dir = run_dir_for(cfg)
@@ -91,7 +103,7 @@ def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
         held = has_checkpoint(run_dir / "checkpoints")
         conflicts = resume_conflicts(run_dir, cfg, manifest) if held and cfg.train.resume else []
         if not held:
-            write_run_files(cfg, manifest, run_dir)
+            write_run_files(cfg, manifest, run_dir, note)
     held, conflicts = broadcast(acc, (held, conflicts))
     if held and not cfg.train.resume:
         raise TrainError(
@@ -106,10 +118,11 @@ def prepare_run_dir(acc, cfg: Config, manifest: dict) -> Path:
     return run_dir
 
 
-def write_run_files(cfg: Config, manifest: dict, run_dir: Path) -> None:
-    """config.yaml and manifest.json of the run, each written atomically (main process)."""
+def write_run_files(cfg: Config, manifest: dict, run_dir: Path, note: str | None = None) -> None:
+    """config.yaml (`note` as its leading comment) and manifest.json of the run, each written
+    atomically (main process)."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml", note=note)
     tmp = run_dir / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(run_dir / "manifest.json")
@@ -258,7 +271,7 @@ def resume_state(p: Parts) -> State:
     extra = {"model_ema.safetensors": p.ema.module} if p.ema is not None else None
     meta = resume(p.accelerator, root, extra, say=p.log.print)
     if p.accelerator.is_main_process:
-        save_config(p.cfg, p.run_dir / "config.yaml")
+        save_config(p.cfg, p.run_dir / "config.yaml", note=p.config_note)
     if meta is None:
         p.log.print(f"--resume: no checkpoint in {root}; starting a new run")
         return State()

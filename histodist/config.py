@@ -54,6 +54,13 @@ def _check_choices(obj: Any) -> None:
             raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
 
 
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class DataConfig:
     dataset: str = opt(
@@ -66,7 +73,11 @@ class DataConfig:
     image_size: int = opt(96, "model input size in pixels (square); 0 = the manifest's image size")
     train_split: str = opt("train", "split to train on")
     valid_split: str = opt("valid", "split to validate on every epoch")
-    workers: int = opt(4, "data-loading worker processes per rank (decode only)")
+    workers: int = opt(
+        min(4, _usable_cores()),
+        "data-loading worker processes per rank (decode only); the default is min(4, the "
+        "cores this process may use), as DataLoader warns about more workers than cores",
+    )
     shuffle_buffer: int = opt(2000, "samples in the streaming shuffle buffer")
     resample: bool = opt(
         False,
@@ -269,7 +280,9 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms (bitwise-reproducible on CPU)")
     precision: str = opt(
         "auto",
-        "mixed precision; auto = the accelerate launch config, else no",
+        "mixed precision; auto = the accelerate launch's explicit bf16/fp16, else bf16 on "
+        "CUDA >= 8.0 and CPUs with native bf16 (AVX512-BF16, AMX), fp16 on older CUDA, else "
+        "no (fp32); the choice and why are printed and saved in config.yaml",
         choices=("auto", "no", "bf16", "fp16"),
     )
     runs_dir: str = opt("runs", "parent folder of run folders")
@@ -542,12 +555,15 @@ def load_config(path: str | os.PathLike) -> Config:
     return from_dict(_read_yaml(path), str(path))
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the config as YAML atomically (temp file in the same folder, then rename)."""
+def save_config(cfg: Config, path: str | os.PathLike, note: str | None = None) -> Path:
+    """Write the config as YAML atomically (temp file in the same folder, then rename);
+    `note` (e.g. why a value was chosen) goes first as YAML comment lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
+        for line in (note or "").splitlines():
+            fh.write(f"# {line}\n")
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
     os.replace(tmp, path)
     return path

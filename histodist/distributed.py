@@ -10,7 +10,8 @@ import torch
 
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag instead of killing the process; the training loop checks it
-    every optimizer step (through `agree`) so that all ranks save and exit together."""
+    every optimizer step on one process, and at every log line (through `agree`, one
+    all-reduce) on several, so that all ranks save and exit together."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -32,6 +33,28 @@ class Preemption:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+
+
+class NonFinite:
+    """Optimizer steps skipped for a NaN/inf loss, counted on the device so that the training
+    loop never waits for it; `read()` (one host sync) at log time. int64 scalars on `device`."""
+
+    def __init__(self, device: torch.device, start: int = 0) -> None:
+        self.run = torch.full((), start, dtype=torch.int64, device=device)  # consecutive now
+        self.worst = self.run.clone()  # longest run since the last read
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # since the last read
+
+    def update(self, bad: torch.Tensor) -> None:
+        """Count one optimizer step; `bad`: bool scalar on the device."""
+        self.run = torch.where(bad, self.run + 1, 0)
+        self.worst = torch.maximum(self.worst, self.run)
+        self.skipped = self.skipped + bad
+
+    def read(self) -> tuple[int, int, int]:
+        """(longest run, current run, skipped) since the last read; starts a new interval."""
+        worst, run, skipped = torch.stack([self.worst, self.run, self.skipped]).tolist()
+        self.worst, self.skipped = self.run.clone(), torch.zeros_like(self.skipped)
+        return worst, run, skipped
 
 
 def agree(accelerator, *flags: float) -> list[float]:

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
     )
+    inference.add_precision_flag(p)
     p.add_argument("--batch-size", type=int, help="per process (default: the run's)")
     p.add_argument("--workers", type=int, default=2, help="decode workers per process")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")
@@ -58,7 +59,7 @@ def _predict(acc, run: inference.Run, args, shards: str | None, split: str | Non
     else:
         batches = inference.shard_batches(run, shards, split, batch_size=bs, rank=rank,
                                           world_size=world, workers=args.workers)  # fmt: skip
-    amp = acc.autocast if acc.mixed_precision != "no" else None
+    amp, _ = inference.autocast_for(args.precision, acc.device)
     it = inference.iter_predictions(run, batches, device=acc.device, tta=args.tta, autocast=amp,
                                     progress=acc.is_main_process and not args.no_progress,
                                     total=len(batches))  # fmt: skip
@@ -159,6 +160,9 @@ def _knn(run: inference.Run, args, shards: str | None, split: str | None) -> dic
 def run_eval(args, acc) -> int:
     set_cpu_threads(0, acc.device)  # not accelerate launch's 1 thread on CPU-only machines
     run = inference.load_run(args.run, args.checkpoint)
+    choice = inference.autocast_for(args.precision, acc.device)[1]
+    if acc.is_main_process:
+        print(choice.describe(), file=sys.stderr)
     shards, split, name = _source(args, run)
     threshold, chosen_on = youden_from_valid(acc, run, args, shards, split)
     preds = _predict(acc, run, args, shards, split)
@@ -175,6 +179,7 @@ def run_eval(args, acc) -> int:
         num_predictions=len(preds),
         unreadable=len(preds.errors),
         world_size=acc.num_processes,
+        precision=choice.precision,
     )
     if shards is not None:
         _check_count(metrics, shards, split)

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("pred", "true"), default="pred",
                    help="class whose evidence the heatmap shows")  # fmt: skip
     p.add_argument("--out", help="PNG path (default: RUN/explain-<split>-<mode>.png)")
+    inference.add_precision_flag(p)
     p.add_argument("--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="decode worker processes")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
@@ -127,7 +128,10 @@ def run_explain(args) -> int:
         name = args.split or run.cfg.data.valid_split
         loader = inference.shard_batches(run, args.shards or run.cfg.data.shards, name,
                                          batch_size=args.batch_size, workers=args.workers)  # fmt: skip
-    it = inference.iter_predictions(run, loader, device=device, keep_images=True,
+    # --precision applies to the ranking pass; Grad-CAM's gradients are computed in fp32.
+    amp, choice = inference.autocast_for(args.precision, device)
+    print(choice.describe(), file=sys.stderr)
+    it = inference.iter_predictions(run, loader, device=device, keep_images=True, autocast=amp,
                                     progress=not args.no_progress, total=len(loader))  # fmt: skip
     picked = select(it, n, mode, args.seed)
     cams = heatmaps(run, picked, args.target, device)

@@ -31,6 +31,31 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".n
 TTA_KS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_precision_flag(parser) -> None:
+    """--precision for the inference commands (histodist.precision's rule, as in training)."""
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="autocast for the forward passes; auto = as training: bf16 on CUDA >= 8.0 and "
+        "CPUs with native bf16, fp16 on older CUDA, else fp32 (fp32 forces full precision)",
+    )  # fmt: skip
+
+
+def autocast_for(requested: str, device) -> tuple[Callable | None, object]:
+    """(a context-manager factory for iter_predictions' `autocast`, or None for fp32; the
+    histodist.precision.Choice made, with its reason)."""
+    from histodist.precision import autocast_dtype, resolve
+
+    device = torch.device(device)
+    choice = resolve(requested, device)
+    dtype = autocast_dtype(choice.precision)
+    if dtype is None:
+        return None, choice
+    return (lambda: torch.autocast(device.type, dtype=dtype)), choice
+
+
 class InputError(ValueError):
     """An input path, CSV or run folder that cannot be used; the message names it and the fix."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histodist import checkpoint as ckpt
-from histodist.distributed import Preemption, agree, step_seed
+from histodist.distributed import NonFinite, Preemption, agree, step_seed
 from histodist.inference import tta_probs
 from histodist.metrics import classification_metrics, confusion, gather_varlen, is_better
 from histodist.tracking import RunLog
@@ -68,6 +68,8 @@ class Parts:
     sample_weights: torch.Tensor | None = None  # per class, for --class-balance sampler
     preempt: Preemption = field(default_factory=Preemption)
     valid_size: int = 0  # expected number of validation samples (manifest)
+    nonfinite: NonFinite | None = None  # device-side count of skipped updates (optimizer_step)
+    config_note: str | None = None  # leading comment of config.yaml (the precision chosen and why)
 
 
 class StopTraining(Exception):
@@ -118,23 +120,26 @@ def train_one_epoch(p: Parts, st: State) -> None:
             optimizer_step(p, st, window)
             window = Window(t0=window.t0, images=window.images, since_log=window.since_log)
             after_step(p, st, window, bar)
+    check_health(p, st)  # before validation: a diverged run stops without scoring junk
     bar.close()
     st.epoch, st.batch_in_epoch, st.samples_in_epoch, st.stop_batch = st.epoch + 1, 0, 0, None
 
 
 @dataclass
 class Window:
-    """Losses of the current accumulation window and counters since the last log line."""
+    """Losses of the current accumulation window and counters since the last log line. The
+    losses stay on the device: they are read once per log line, so no step waits for the GPU."""
 
     t0: float = field(default_factory=time.perf_counter)
     images: int = 0
     since_log: list = field(default_factory=list)
-    bad: bool = False
+    finite: torch.Tensor | None = None  # bool scalar on the device: every loss so far finite
 
     def add(self, out: tuple[torch.Tensor, int]) -> None:
         loss, n = out
         self.images += n
-        self.bad = self.bad or not bool(torch.isfinite(loss))
+        ok = torch.isfinite(loss)
+        self.finite = ok if self.finite is None else self.finite & ok
         self.since_log.append(loss)
 
 
@@ -157,33 +162,73 @@ def micro_step(p: Parts, batch: dict, gen, sync: bool, accum: int, first: bool):
 
 
 def optimizer_step(p: Parts, st: State, window: Window) -> None:
-    """Clip, step and schedule, unless any rank saw a NaN/inf loss in this window (then the
-    update is dropped on every rank). Raises StopTraining on preemption or too many bad steps."""
-    bad, signalled = agree(p.accelerator, window.bad, p.preempt.received is not None)
-    if bad:
-        st.bad_steps += 1
-        p.log.print(f"step {st.step}: non-finite loss, update skipped ({st.bad_steps} in a row)")
-    else:
-        st.bad_steps = 0
-        if p.cfg.optim.grad_clip > 0:
-            p.accelerator.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
-        p.optimizer.step()
-        if p.ema is not None:
-            p.ema.update(p.accelerator.unwrap_model(p.model), step=st.step)
+    """Clip, step and schedule. When any rank saw a NaN/inf loss in this window the update is
+    dropped on every rank, decided on the device (the fused optimizer's found_inf, as AMP
+    skips an overflowing step), so nothing here waits for the GPU; check_health reads the count
+    at log time. Raises StopTraining on preemption (one process; several agree at log time)."""
+    acc = p.accelerator
+    if p.nonfinite is None:
+        p.nonfinite = NonFinite(acc.device, st.bad_steps)
+    bad = ~window.finite
+    if acc.num_processes > 1:  # one rank's NaN reaches every rank's gradients through DDP
+        bad = acc.reduce(bad.float(), reduction="max") > 0
+    p.nonfinite.update(bad)
+    if p.cfg.optim.grad_clip > 0:
+        acc.clip_grad_norm_(p.model.parameters(), p.cfg.optim.grad_clip)
+    masked_step(p.optimizer, bad)
+    if p.ema is not None:  # after a skipped update the weights are unchanged and finite
+        p.ema.update(acc.unwrap_model(p.model), step=st.step)
     p.scheduler.step()
     p.optimizer.zero_grad(set_to_none=True)
     st.step += 1
-    if signalled:
+    if acc.num_processes == 1 and p.preempt.received is not None:
         raise StopTraining("preempted")
-    if st.bad_steps >= p.cfg.train.max_bad_steps:
-        raise StopTraining("nan")
+
+
+def masked_step(optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless the bool scalar `skip` (on the device) is True, without reading
+    it on the host: torch's fused AdamW / SGD take a `found_inf` tensor (set as an attribute,
+    the way torch.amp.GradScaler passes it) and leave parameters and state untouched when it
+    is non-zero (histodist.optim builds them fused). Another optimizer reads the flag (one
+    host sync) and steps only when it is False."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if any(g.get("fused") for g in inner.param_groups):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            if hasattr(inner, "found_inf"):
+                del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
+def check_health(p: Parts, st: State) -> None:
+    """The log-time check (one host sync): skipped updates since the last check, and the stop
+    rules: too many consecutive NaN/inf losses, or a preemption signal on any rank."""
+    if p.nonfinite is not None:
+        worst, current, skipped = p.nonfinite.read()
+        st.bad_steps = current
+        if skipped:
+            p.log.print(
+                f"step {st.step}: {skipped} update(s) skipped for a non-finite loss since the "
+                f"last log line ({worst} in a row at most)"
+            )
+        if worst >= p.cfg.train.max_bad_steps:
+            st.bad_steps = worst
+            raise StopTraining("nan")
+    if p.accelerator.num_processes > 1:
+        (signalled,) = agree(p.accelerator, p.preempt.received is not None)
+        if signalled:
+            raise StopTraining("preempted")
 
 
 def after_step(p: Parts, st: State, window: Window, bar) -> None:
-    """Per-step logging, and the optional step-wise validation / checkpoint."""
+    """Per-step logging and health check, and the optional step-wise validation / checkpoint."""
     cfg = p.cfg
     if st.step % cfg.log.log_every == 0:
         log_train(p, st, window, bar)
+        check_health(p, st)
     if cfg.train.eval_every and st.step % cfg.train.eval_every == 0:
         validate(p, st)
     elif cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:

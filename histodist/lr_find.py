@@ -45,10 +45,9 @@ def range_test(cfg: Config, *, start_lr: float, end_lr: float, num_steps: int):
     from accelerate import Accelerator
 
     manifest = load_manifest(cfg.data.shards)
-    cfg = build.complete_config(cfg, manifest)
-    acc = Accelerator(
-        mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision
-    )
+    cfg, choice = build.resolve_precision(build.complete_config(cfg, manifest))
+    acc = Accelerator(mixed_precision=cfg.train.precision)
+    acc.print(choice.describe())
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, num_classes=cfg.data.num_classes, image_size=cfg.data.image_size)
     opt = build_optimizer(model, replace(cfg, optim={"lr": start_lr}).optim)
@@ -125,14 +124,14 @@ def plot(lrs: list[float], losses: list[float], lr: float, path: str | Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from histodist.train import ERRORS
+    from histodist.train import errors
 
     try:
         cfg, opts = parse(argv)
         lrs, losses, acc = range_test(
             cfg, start_lr=opts["start_lr"], end_lr=opts["end_lr"], num_steps=opts["num_steps"]
         )
-    except ERRORS as e:
+    except errors() as e:
         print(f"histodist.lr_find: error: {e}", file=sys.stderr)
         return 2
     if acc.is_main_process:

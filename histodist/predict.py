@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
     )
+    inference.add_precision_flag(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="decode worker processes")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
@@ -57,8 +58,10 @@ def run_predict(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = inference.load_run(args.run, args.checkpoint)
     loader, n = _batches(run, args)
+    amp, choice = inference.autocast_for(args.precision, device)
+    print(choice.describe(), file=sys.stderr)
     it = inference.iter_predictions(run, loader, device=device, tta=args.tta, total=n,
-                                    progress=not args.no_progress)  # fmt: skip
+                                    progress=not args.no_progress, autocast=amp)  # fmt: skip
     preds = inference.collect(it, len(run.classes))
     inference.warn_unreadable(preds)
     kaggle = args.kaggle or inference.is_kaggle_test(args.input)

@@ -8,47 +8,68 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from histodist import build, loop
-from histodist.augment import AugmentError
-from histodist.checkpoint import CheckpointError
 from histodist.config import Config, ConfigError, parse_args
-from histodist.data import DataError, load_manifest
-from histodist.distributed import set_cpu_threads, set_determinism
-from histodist.hub import HubError
-from histodist.models import WeightsError, check_model_name
-from histodist.optim import global_batch, scaled_lr
-from histodist.remote import ShardError
 
-ERRORS = (
-    ConfigError,
-    build.TrainError,
-    ShardError,
-    DataError,
-    WeightsError,
-    AugmentError,
-    CheckpointError,
-    HubError,
-)
+if TYPE_CHECKING:
+    from histodist import loop
+
 EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
+
+
+def errors() -> tuple[type[Exception], ...]:
+    """The expected failures: one line on stderr, exit 2. Imported here, after the flags are
+    parsed, so that `--help` and a bad flag answer before torch and timm load (~9 s)."""
+    from histodist import build
+    from histodist.augment import AugmentError
+    from histodist.checkpoint import CheckpointError
+    from histodist.data import DataError
+    from histodist.hub import HubError
+    from histodist.models import WeightsError
+    from histodist.remote import ShardError
+
+    return (
+        ConfigError,
+        build.TrainError,
+        ShardError,
+        DataError,
+        WeightsError,
+        AugmentError,
+        CheckpointError,
+        HubError,
+    )
 
 
 def setup(cfg: Config) -> loop.Parts:
     """Resolve the config against the shards, build the Accelerator, run folder and parts."""
+    from histodist import build
+    from histodist.data import load_manifest
+    from histodist.distributed import set_determinism
+    from histodist.models import check_model_name
+
     set_determinism(cfg.train.deterministic)
     check_model_name(cfg.model.model)
     manifest = load_manifest(cfg.data.shards)
     cfg = build.complete_config(cfg, manifest)
+    cfg, choice = build.resolve_precision(cfg)
     acc, mode, msg = build.make_accelerator(cfg)
-    run_dir = build.prepare_run_dir(acc, cfg, manifest)
+    run_dir = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
     p = build.build_parts(acc, cfg, manifest, run_dir, mode)
+    p.config_note = choice.describe()
     if msg:
         p.log.print(msg)
+    p.log.print(choice.describe())
+    run = p.log.wandb_run()
+    if run is not None:
+        run.config.update({"precision_reason": choice.reason}, allow_val_change=True)
     return p
 
 
 def log_batch_and_lr(p, step: int) -> None:
     """State the global batch and the peak lr actually used, so runs at any scale compare."""
+    from histodist.optim import global_batch, scaled_lr
+
     o, world = p.cfg.optim, p.accelerator.num_processes
     batch, lr = global_batch(o, world), scaled_lr(o, world)
     p.log.print(
@@ -60,13 +81,16 @@ def log_batch_and_lr(p, step: int) -> None:
 
 def run(cfg: Config) -> int:
     """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
+    from histodist import build
+    from histodist.distributed import set_cpu_threads
+
     p = setup(cfg)
     st = build.resume_state(p)
     acc = p.accelerator
     threads = set_cpu_threads(p.cfg.train.threads, acc.device)
     p.log.print(
         f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on {acc.device}"
-        f" ({threads} threads), precision {acc.mixed_precision}, {len(p.train_loader)} batches of "
+        f" ({threads} threads), {len(p.train_loader)} batches of "
         f"{p.cfg.optim.batch_size} per process per epoch"
     )
     log_batch_and_lr(p, st.step)
@@ -81,6 +105,8 @@ def run(cfg: Config) -> int:
 
 def fit(p: loop.Parts, st: loop.State) -> str:
     """Epoch loop; returns "done", "early-stop", "preempted" or "nan"."""
+    from histodist import build, loop
+
     cfg = p.cfg
     while st.epoch < cfg.train.epochs:
         build.apply_freeze(p, st.epoch)
@@ -98,6 +124,8 @@ def fit(p: loop.Parts, st: loop.State) -> str:
 
 
 def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
+    from histodist import loop
+
     if reason == "preempted":
         loop.save(p, st, improved=False)
         # Every rank says it got here: a launcher or scheduler log then shows who saved. One
@@ -130,8 +158,14 @@ def summary(st: loop.State, cfg: Config, m: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(parse_args(argv))
-    except ERRORS as e:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"histodist.train: error: {e}", file=sys.stderr)
+        return 2
+    expected = errors()
+    try:
+        return run(cfg)
+    except expected as e:
         print(f"histodist.train: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ import sys
 import histodist.bench as bench
 
 # Modules of histodist.bench that hold shared helpers, not a suite.
-HELPERS = {"common"}
+HELPERS = {"common", "syncs"}
 
 
 def suites() -> list[str]:

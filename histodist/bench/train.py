@@ -62,7 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--model", default="resnet18", help="histodist model name (timm name or seed model)")
     a("--image-size", type=int, default=96, help="model input size (96 or 224)")
     a("--batch-size", type=int, default=128)
-    a("--precision", default="no", choices=("no", "bf16"), help="bf16 autocast or fp32")
+    a("--precision", default="auto", choices=("auto", "no", "bf16"),
+      help="bf16 autocast or fp32 (no); auto = histodist.train's rule for this device")  # fmt: skip
     a("--workers", type=int, default=2, help="DataLoader workers for (b) and (c)")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -106,7 +107,8 @@ def histodist_parts(args: argparse.Namespace, runs_dir: str, name: str):
         data={"shards": args.shards, "image_size": args.image_size, "num_classes": 0,
               "workers": args.workers, "shuffle_buffer": args.shuffle_buffer},
         augment={"augment": args.augment},
-        model={"model": args.model, "channels_last": args.channels_last},
+        model={"model": args.model, "channels_last": args.channels_last,
+               "compile": getattr(args, "compile", False)},
         optim={"batch_size": args.batch_size, "lr": args.lr, "schedule": "constant",
                "warmup_epochs": 0.05},
         train={"precision": args.precision, "seed": args.seed, "runs_dir": runs_dir,
@@ -223,7 +225,7 @@ def baseline_parts(args, cfg, device: torch.device) -> Baseline:
                                 warmup_steps=round(cfg.optim.warmup_epochs * per_epoch))  # fmt: skip
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     return Baseline(model, optimizer, scheduler, criterion, loader, device,
-                    args.precision == "bf16", args.channels_last, cfg.optim.grad_clip)  # fmt: skip
+                    cfg.train.precision == "bf16", args.channels_last, cfg.optim.grad_clip)  # fmt: skip
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -366,6 +368,7 @@ def throughput(args, runs_dir: str) -> dict:
         res["b2_over_c"] = round(rate["b2_histodist_flips"] / rate["c_baseline"], 3)
         res["b2_over_a"] = round(rate["b2_histodist_flips"] / rate["a_ceiling"], 3)
     res["time_split"] = time_split(res)
+    res["precision"] = p.cfg.train.precision  # resolved ("auto" -> bf16 or no)
     return res
 
 
@@ -392,7 +395,7 @@ def time_to_accuracy(args, runs_dir: str) -> dict:
     """(b) and (c) from the same initial weights, same validation subset and evaluation,
     trained in lockstep (one step of each in turn)."""
     p = histodist_parts(args, runs_dir, "tta")
-    device, bf16 = p.accelerator.device, args.precision == "bf16"
+    device, bf16 = p.accelerator.device, p.cfg.train.precision == "bf16"
     valid = valid_subset(Path(args.data) / "valid", args.valid_images, args.seed)
     net = p.accelerator.unwrap_model(p.model)
     b = baseline_parts(args, p.cfg, device)
@@ -424,6 +427,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="histodist-bench-train-") as runs_dir:
         report["throughput"] = throughput(args, runs_dir)
         report["config"]["device"] = str(device_of(args))
+        report["config"]["precision_resolved"] = report["throughput"].pop("precision")
         if args.tta_budget_s > 0:
             report["time_to_accuracy"] = time_to_accuracy(args, runs_dir)
     return report
@@ -445,7 +449,8 @@ def render(report: dict) -> str:
     cfg, t = report["config"], report["throughput"]
     m = report["machine"]
     head = (f"histodist train benchmark: {cfg['model']}, {cfg['image_size']} px, batch "
-            f"{cfg['batch_size']}, precision {cfg['precision']}, {cfg['workers']} workers, "
+            f"{cfg['batch_size']}, precision {cfg.get('precision_resolved')} (--precision "
+            f"{cfg['precision']}), {cfg['workers']} workers, "
             f"device {cfg.get('device')} ({m.get('gpu', str(m['cpus']) + ' CPUs')}, load "
             f"{m['load_avg'][0]})")  # fmt: skip
     cols = ["config", "images_per_s", "step_ms", "data_wait_ms", "compute_ms", "augment_ms",
