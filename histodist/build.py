@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,12 +31,21 @@ class TrainError(RuntimeError):
 def resolve_precision(cfg: Config):
     """`--precision auto` resolved for this process's device (histodist.precision): the config
     with the chosen precision, and the Choice (precision and why)."""
-    from accelerate import PartialState
-
     from histodist.precision import resolve
 
-    choice = resolve(cfg.train.precision, PartialState().device)
+    choice = resolve(cfg.train.precision, process_device())
     return replace(cfg, train={"precision": choice.precision}), choice
+
+
+def process_device() -> torch.device:
+    """The device the Accelerator will give this process, without creating accelerate's
+    process state first: a PartialState made before the Accelerator ignores
+    ACCELERATE_USE_CPU, and every process of a multi-process CPU launch then ran alone."""
+    from accelerate.utils import parse_flag_from_env
+
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def make_accelerator(cfg: Config):

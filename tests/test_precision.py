@@ -76,7 +76,7 @@ def test_run_folder_records_the_choice(tmp_path, monkeypatch):
     assert cfg.train.precision == choice.precision == "bf16"
 
     class Acc:
-        is_main_process = True
+        is_main_process, num_processes = True, 1
 
         def wait_for_everyone(self):
             pass
