@@ -74,7 +74,11 @@ def stubs(tmp_path):
         path.write_text(STUB.format(python=sys.executable))
         path.chmod(0o755)
     log = tmp_path / "stub.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "MIXED_", "ACCELERATE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "NCCL_", "MIXED_", "ACCELERATE_"))
+    }
     # No nvidia-smi on this PATH: GPU counts and precision come from the variables set below.
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", STUB_LOG=str(log), MIXED_PRECISION="bf16")
     env.pop("GPUS_PER_NODE", None)
