@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from histodist.fileio import atomic_path, atomic_write
 from histodist.version import version_string
 
 STEP = "step-{:09d}"
@@ -63,12 +64,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1), fsync=True)
     _fsync(path.parent)
 
 
@@ -287,9 +283,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Weights alone as safetensors, atomically (temp + rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
 
 
 # ----------------------------------------------------------------------------- resuming

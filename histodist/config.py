@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from histodist.fileio import atomic_write
 
 
 class ConfigError(ValueError):
@@ -558,15 +559,8 @@ def load_config(path: str | os.PathLike) -> Config:
 def save_config(cfg: Config, path: str | os.PathLike, note: str | None = None) -> Path:
     """Write the config as YAML atomically (temp file in the same folder, then rename);
     `note` (e.g. why a value was chosen) goes first as YAML comment lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        for line in (note or "").splitlines():
-            fh.write(f"# {line}\n")
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    comments = "".join(f"# {line}\n" for line in (note or "").splitlines())
+    return atomic_write(path, comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

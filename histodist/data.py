@@ -36,12 +36,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from histodist import embeddings, epoch_plan
+from histodist.fileio import IMAGE_EXTENSIONS
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import DigestReader, iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "ppm", "npy")
+# shard member extensions decoded as images: the raw image files, PPM, and uint8 .npy arrays
+IMAGE_EXTS = (*(e[1:] for e in IMAGE_EXTENSIONS), "ppm", "npy")
 _TV_EXTS = {"jpg", "jpeg", "png", "webp"}  # torchvision decodes these; PIL does the rest
 log = logging.getLogger(__name__)
 _STATS = "__histodist_stats__"  # marker item a worker yields at the end of its epoch

@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".npy")
+from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
+
+IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".npy")  # image files, and uint8 arrays saved by np.save
 # Dihedral indices (histodist.augment.dihedral: k % 4 quarter turns, k >= 4 adds a flip) used
 # for each TTA size: 2 = identity + mirror, 4 = the four rotations, 8 = the whole group.
 TTA_KS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
@@ -451,18 +452,8 @@ def warn_unreadable(preds: Predictions) -> None:
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        write(f)
     return path
 
 

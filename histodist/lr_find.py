@@ -20,6 +20,7 @@ from histodist import augment as aug
 from histodist import build
 from histodist.config import Config, build_parser, replace, resolve_namespace
 from histodist.data import load_manifest
+from histodist.fileio import atomic_path
 from histodist.models import build_model
 from histodist.optim import build_optimizer
 
@@ -115,11 +116,11 @@ def plot(lrs: list[float], losses: list[float], lr: float, path: str | Path) -> 
     )
     ax.legend()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

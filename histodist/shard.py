@@ -28,7 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histodist import imageio, sources
-from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, sha256_file, write_shard
+from histodist.fileio import atomic_write, file_digest
+from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
 from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
 from histodist.sources.split import split_items
 from histodist.version import version_string
@@ -290,7 +291,8 @@ def _done(records: dict, rec: dict, bar: tqdm, size: dict) -> None:
 def remove_stale(out: Path, keep: set[str]) -> None:
     """Delete shards (and temporaries) of an earlier plan that this run did not write."""
     for p in out.iterdir():
-        if re.fullmatch(r"[A-Za-z0-9_]+-\d{6}\.tar(\.tmp)?", p.name) and p.name not in keep:
+        shard = r"[A-Za-z0-9_]+-\d{6}\.tar"  # a temporary: .<shard>.<random>.tmp (fileio)
+        if re.fullmatch(rf"{shard}(\.tmp)?|\.{shard}\.\w+\.tmp", p.name) and p.name not in keep:
             p.unlink()
             (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
 
@@ -381,7 +383,7 @@ def verify(folder: str | Path) -> int:
             path = folder / sh["name"]
             if not path.is_file():
                 raise ShardError(f"{path}: shard missing")
-            if path.stat().st_size != sh["bytes"] or sha256_file(path) != sh["sha256"]:
+            if path.stat().st_size != sh["bytes"] or file_digest(path) != sh["sha256"]:
                 raise ShardError(f"{path}: sha256 or size differs from the manifest")
             try:
                 count = len(read_shard_keys(path))
@@ -396,9 +398,7 @@ def verify(folder: str | Path) -> int:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _print_summary(manifest: dict, out: str) -> None:
