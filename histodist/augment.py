@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from histodist.errors import UsageError
 from histodist.fileio import atomic_path
 
 # ----------------------------------------------------------------------------- helpers
@@ -383,7 +384,7 @@ PRESETS: dict[str, list[dict]] = {
 }
 
 
-class AugmentError(ValueError):
+class AugmentError(UsageError, ValueError):
     """An augmentation spec that names an unknown op or preset, or bad parameters."""
 
 

@@ -17,6 +17,7 @@ from histodist import augment as aug
 from histodist import data, embeddings, hub
 from histodist.checkpoint import STEP
 from histodist.config import Config, ConfigError, replace, save_config
+from histodist.errors import UsageError
 from histodist.fileio import atomic_write
 from histodist.loop import Parts, State
 from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
@@ -24,7 +25,7 @@ from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedul
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
 
-class TrainError(RuntimeError):
+class TrainError(UsageError, RuntimeError):
     """A run that cannot start (existing run folder, missing split, ...); message says the fix."""
 
 

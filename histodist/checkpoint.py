@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from histodist.errors import HistodistError
 from histodist.fileio import atomic_path, atomic_write
 from histodist.version import version_string
 
@@ -42,7 +43,7 @@ STEP = "step-{:09d}"
 _LEGACY = (".old-last", ".old-best", ".tmp-last", "last", "best")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HistodistError, RuntimeError):
     """A missing, unreadable or unwritable checkpoint; the message names the folder."""
 
 

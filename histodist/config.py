@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from histodist.errors import UsageError
 from histodist.fileio import atomic_write
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A bad option value, YAML key or preset; the message names the option and the fix."""
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from histodist import embeddings, epoch_plan
+from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import DigestReader, iter_tar
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 _STATS = "__histodist_stats__"  # marker item a worker yields at the end of its epoch
 
 
-class DataError(ValueError):
+class DataError(HistodistError, ValueError):
     """Inconsistent data in shards (e.g. images of different sizes without image_size)."""
 
 

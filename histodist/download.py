@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from histodist.errors import HistodistError
 from histodist.fileio import file_digest
 
 ZENODO = "https://zenodo.org/records/2546921/files"
@@ -34,7 +35,7 @@ PCAM_FILES = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(HistodistError, RuntimeError):
     """Network failure or checksum mismatch; the message says what to do."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from histodist import data, embeddings, hub
+from histodist.errors import run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
 from histodist.models import features
 from histodist.shard_writer import INFO_DIR
@@ -267,9 +268,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from histodist.inference import run_cli
-
-    return run_cli("embed", run, build_parser().parse_args(argv))
+    return run_cli("embed", run, build_parser().parse_args(argv), extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

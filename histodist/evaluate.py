@@ -19,6 +19,7 @@ from pathlib import Path
 
 from histodist import inference, report
 from histodist.distributed import set_cpu_threads
+from histodist.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
-    return inference.run_cli("evaluate", run_eval, args, Accelerator())
+    return run_cli("evaluate", run_eval, args, Accelerator(), extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from histodist import inference, report
+from histodist.errors import run_cli
 from histodist.gradcam import gradcam
 
 
@@ -148,7 +149,7 @@ def run_explain(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("explain", run_explain, args)
+    return run_cli("explain", run_explain, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

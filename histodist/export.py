@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from histodist import inference
+from histodist.errors import HistodistError, run_cli
 from histodist.fileio import atomic_path
 
 TOLERANCE = 1e-4
 SUFFIX = {"onnx": "onnx", "torchscript": "pt", "safetensors": "safetensors"}
 
 
-class ExportError(RuntimeError):
+class ExportError(HistodistError, RuntimeError):
     """Export failed or the exported model disagrees with the PyTorch one."""
 
 
@@ -190,7 +191,7 @@ def run_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("export", run_export, args, extra=(ExportError,))
+    return run_cli("export", run_export, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

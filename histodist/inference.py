@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
 
 IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".npy")  # image files, and uint8 arrays saved by np.save
@@ -57,25 +57,8 @@ def autocast_for(requested: str, device) -> tuple[Callable | None, object]:
     return (lambda: torch.autocast(device.type, dtype=dtype)), choice
 
 
-class InputError(ValueError):
+class InputError(HistodistError, ValueError):
     """An input path, CSV or run folder that cannot be used; the message names it and the fix."""
-
-
-def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
-    """Run a command's body; bad input (a run, shard, config or file error, or one of `extra`)
-    becomes one line `histodist.<prog>: error: ...` on stderr and exit code 1."""
-    from histodist.checkpoint import CheckpointError
-    from histodist.config import ConfigError
-    from histodist.data import DataError
-    from histodist.hub import HubError
-    from histodist.remote import ShardError
-
-    user_errors = (InputError, CheckpointError, ConfigError, DataError, ShardError, HubError)
-    try:
-        return fn(*args)
-    except (*user_errors, FileNotFoundError, *extra) as e:
-        print(f"histodist.{prog}: error: {e}", file=sys.stderr)
-        return 1
 
 
 # -- the run --------------------------------------------------------------------------------

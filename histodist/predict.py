@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from histodist import inference
+from histodist.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +80,7 @@ def run_predict(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("predict", run_predict, args)
+    return run_cli("predict", run_predict, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

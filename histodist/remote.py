@@ -38,6 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
+from histodist.errors import HistodistError
 from histodist.fileio import atomic_path
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps the cache consistent.
@@ -61,7 +62,7 @@ _TRANSIENT_ERRORS = (OSError, http.client.HTTPException)
 _CHUNK = 1 << 20
 
 
-class ShardError(RuntimeError):
+class ShardError(HistodistError, RuntimeError):
     """A shard or manifest cannot be read; the message names the URL / path and the fix."""
 
 

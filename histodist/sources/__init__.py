@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
 
 LAYOUTS = {
@@ -33,7 +34,7 @@ LAYOUTS = {
 Payload = bytes | np.ndarray
 
 
-class SourceError(ValueError):
+class SourceError(HistodistError, ValueError):
     """Bad raw input (missing file, unknown label, wrong shape...); the message names the file."""
 
 
