@@ -115,6 +115,7 @@ class DataConfig:
 
 # Names of histodist.augment.PRESETS, listed here so that config imports without torch
 # (tests/test_config.py keeps the two equal).
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 AUGMENT_PRESETS = ("pcam", "idc", "breakhis", "ham10000", "dihedral", "none")
 
 
@@ -334,7 +335,7 @@ class LogConfig:
     wandb: str = opt(
         "auto",
         "W&B mode; auto = online with an API key, otherwise offline",
-        choices=("auto", "online", "offline", "disabled"),
+        choices=WANDB_MODES,
     )
     project: str = opt("histodist", "W&B project")
     entity: str | None = opt(None, "W&B entity (team or user)")

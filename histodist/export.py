@@ -34,8 +34,7 @@ class ExportError(HistodistError, RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.export", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder written by histodist.train")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    inference.add_run_flags(p)
     p.add_argument("--format", required=True, choices=tuple(SUFFIX), help="export format")
     p.add_argument("--out", help="output folder (default: RUN/export)")
     p.add_argument("--batch", type=int, default=8, help="images in the parity batch")

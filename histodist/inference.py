@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodist.config import WANDB_MODES
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
 
@@ -33,6 +34,26 @@ TTA_KS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_run_flags(parser, *, device: bool = False, wandb: bool = False) -> None:
+    """The options every command on a run folder shares: --run and --checkpoint. With `device`
+    also --device, with `wandb` also --wandb (default: the run's mode)."""
+    parser.add_argument("--run", required=True, help="run folder written by histodist.train")
+    parser.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    if device:
+        parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
+    if wandb:
+        parser.add_argument("--wandb", choices=WANDB_MODES, help="W&B mode (default: the run's)")
+
+
+def add_batch_flags(parser, batch_size: int | None, batch_help: str) -> None:
+    """The options every command that runs the model over images shares: --precision,
+    --batch-size, --workers, --no-progress."""
+    add_precision_flag(parser)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_precision_flag(parser) -> None:
