@@ -35,6 +35,7 @@ import torch
 
 from histodist.errors import HistodistError
 from histodist.fileio import atomic_path, atomic_write
+from histodist.fileio import sync_to_disk as _fsync
 from histodist.version import version_string
 
 STEP = "step-{:09d}"
@@ -48,15 +49,6 @@ class CheckpointError(HistodistError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- file system
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():

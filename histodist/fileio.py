@@ -28,7 +28,8 @@ def temp_of(name: str) -> re.Pattern:
     return re.compile(re.escape(f".{name}.") + r"\w+" + re.escape(TMP_SUFFIX))
 
 
-def _fsync(path: Path) -> None:
+def sync_to_disk(path: str | os.PathLike) -> None:
+    """Flush a file or a folder (its entries) to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         if fsync:
-            _fsync(tmp)
+            sync_to_disk(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
