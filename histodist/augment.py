@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from histodist.errors import UsageError
+from histodist.fileio import atomic_path
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -381,7 +384,7 @@ PRESETS: dict[str, list[dict]] = {
 }
 
 
-class AugmentError(ValueError):
+class AugmentError(UsageError, ValueError):
     """An augmentation spec that names an unknown op or preset, or bad parameters."""
 
 
@@ -467,8 +470,6 @@ def save_grid(x: Tensor, path, *, nrow: int = 8, mean=None, std=None) -> Path:
     if mean is not None and std is not None:
         x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_image(x.clamp(0.0, 1.0), tmp, nrow=nrow, padding=2, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_image(x.clamp(0.0, 1.0), tmp, nrow=nrow, padding=2, format="png")
     return path

@@ -18,13 +18,15 @@ from histodist import augment as aug
 from histodist import data, embeddings, hub
 from histodist.checkpoint import STEP
 from histodist.config import Config, ConfigError, replace, save_config
+from histodist.errors import UsageError
+from histodist.fileio import atomic_write
 from histodist.loop import Parts, State
 from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
 from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
 from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
 
 
-class TrainError(RuntimeError):
+class TrainError(UsageError, RuntimeError):
     """A run that cannot start (existing run folder, missing split, ...); message says the fix."""
 
 
@@ -133,9 +135,7 @@ def write_run_files(cfg: Config, manifest: dict, run_dir: Path, note: str | None
     atomically (main process)."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml", note=note)
-    tmp = run_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(run_dir / "manifest.json")
+    atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def loaders(acc, cfg: Config, manifest: dict):

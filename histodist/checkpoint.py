@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 
+from histodist.errors import HistodistError
+from histodist.fileio import atomic_path, atomic_write
+from histodist.fileio import sync_to_disk as _fsync
 from histodist.version import version_string
 
 STEP = "step-{:09d}"
@@ -41,20 +44,11 @@ STEP = "step-{:09d}"
 _LEGACY = (".old-last", ".old-best", ".tmp-last", "last", "best")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HistodistError, RuntimeError):
     """A missing, unreadable or unwritable checkpoint; the message names the folder."""
 
 
 # ----------------------------------------------------------------------------- file system
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         if p.is_file():
@@ -63,12 +57,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1), fsync=True)
     _fsync(path.parent)
 
 
@@ -287,9 +276,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Weights alone as safetensors, atomically (temp + rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -22,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from histodist.errors import UsageError
+from histodist.fileio import atomic_write
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A bad option value, YAML key or preset; the message names the option and the fix."""
 
 
@@ -113,6 +115,7 @@ class DataConfig:
 
 # Names of histodist.augment.PRESETS, listed here so that config imports without torch
 # (tests/test_config.py keeps the two equal).
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 AUGMENT_PRESETS = ("pcam", "idc", "breakhis", "ham10000", "dihedral", "none")
 
 
@@ -332,7 +335,7 @@ class LogConfig:
     wandb: str = opt(
         "auto",
         "W&B mode; auto = online with an API key, otherwise offline",
-        choices=("auto", "online", "offline", "disabled"),
+        choices=WANDB_MODES,
     )
     project: str = opt("histodist", "W&B project")
     entity: str | None = opt(None, "W&B entity (team or user)")
@@ -558,15 +561,8 @@ def load_config(path: str | os.PathLike) -> Config:
 def save_config(cfg: Config, path: str | os.PathLike, note: str | None = None) -> Path:
     """Write the config as YAML atomically (temp file in the same folder, then rename);
     `note` (e.g. why a value was chosen) goes first as YAML comment lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        for line in (note or "").splitlines():
-            fh.write(f"# {line}\n")
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    comments = "".join(f"# {line}\n" for line in (note or "").splitlines())
+    return atomic_write(path, comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

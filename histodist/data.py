@@ -27,6 +27,7 @@ import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from itertools import chain, islice
 
 import numpy as np
@@ -36,18 +37,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from histodist import embeddings, epoch_plan
+from histodist.errors import HistodistError
+from histodist.fileio import IMAGE_EXTENSIONS
 from histodist.remote import ShardError, join_url, open_url, read_text
 from histodist.tarstream import DigestReader, iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "ppm", "npy")
+# shard member extensions decoded as images: the raw image files, PPM, and uint8 .npy arrays
+IMAGE_EXTS = (*(e[1:] for e in IMAGE_EXTENSIONS), "ppm", "npy")
 _TV_EXTS = {"jpg", "jpeg", "png", "webp"}  # torchvision decodes these; PIL does the rest
 log = logging.getLogger(__name__)
 _STATS = "__histodist_stats__"  # marker item a worker yields at the end of its epoch
 
 
-class DataError(ValueError):
+class DataError(HistodistError, ValueError):
     """Inconsistent data in shards (e.g. images of different sizes without image_size)."""
 
 
@@ -609,25 +613,46 @@ def _eval_length(
     return sum(math.ceil(sum(n for _, n in mine[i::w]) / batch_size) for i in range(w))
 
 
-def train_loader(
-    shards: str,
-    split: str = "train",
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int = 0,
-    workers: int = 4,
-    shuffle_buffer: int = 2000,
-    resample: bool = False,
-    image_size: tuple[int, int] | None = None,
-    skip_bad_shards: bool = False,
-    prefetch_factor: int = 2,
-    persistent_workers: bool = False,
-    cache_dir: str | None = None,
-    verify_shards: bool = False,
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How one rank reads shards: the keyword arguments of train_loader, eval_loader and
+    from_urls. The training-only ones (seed, shuffle_buffer, resample, prefetch_factor,
+    persistent_workers) do not apply to evaluation, which reads every sample once in order."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int = 0
+    workers: int = 4
+    shuffle_buffer: int = 2000
+    resample: bool = False
+    image_size: tuple[int, int] | None = None
+    skip_bad_shards: bool = False
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    cache_dir: str | None = None
+    verify_shards: bool = False
+
+
+def _loader(
+    o: LoaderOptions, shards: list[tuple[str, int]], *, steps: int | None, length: int, **kw
 ) -> ShardLoader:
-    """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank.
+    """The rank's RankStream over `shards` and its ShardLoader (`kw`: digests, sizes)."""
+    ds = RankStream(
+        shards, rank=o.rank, world_size=o.world_size, batch_size=o.batch_size, steps=steps,
+        seed=o.seed, shuffle_buffer=o.shuffle_buffer, resample=o.resample,
+        image_size=o.image_size, skip_bad_shards=o.skip_bad_shards, cache_dir=o.cache_dir, **kw,
+    )  # fmt: skip
+    # Evaluation loaders are short-lived (one pass): persistent workers would only hold memory.
+    return ShardLoader(
+        ds, length=length, workers=o.workers, prefetch_factor=o.prefetch_factor,
+        persistent_workers=o.persistent_workers and steps is not None,
+    )  # fmt: skip
+
+
+def train_loader(shards: str, split: str = "train", **options) -> ShardLoader:
+    """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank;
+    `options`: the LoaderOptions fields (batch_size, rank and world_size required).
 
     resample=False (default): the epoch's plan (histodist.epoch_plan) gives each rank and
     worker sample ranges of the shards, from the manifest's per-shard counts: whatever the
@@ -638,87 +663,35 @@ def train_loader(
     epoch, rank, worker), as webdataset's ResampledShards; only for sets of many shards: with
     8 shards an epoch reads ~2/3 of them.
     """
+    o = LoaderOptions(**options)
     manifest = load_manifest(shards)
     urls = split_shards(manifest, split, shards)
-    steps = steps_per_epoch(manifest["splits"][split]["num_samples"], world_size, batch_size)
-    ds = RankStream(
-        urls,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        steps=steps,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        resample=resample,
-        image_size=image_size,
-        skip_bad_shards=skip_bad_shards,
-        cache_dir=cache_dir,
-        digests=shard_digests(manifest, split, shards) if verify_shards else None,
-    )
-    return ShardLoader(
-        ds,
-        length=steps,
-        workers=workers,
-        prefetch_factor=prefetch_factor,
-        persistent_workers=persistent_workers,
-    )
+    steps = steps_per_epoch(manifest["splits"][split]["num_samples"], o.world_size, o.batch_size)
+    digests = shard_digests(manifest, split, shards) if o.verify_shards else None
+    return _loader(o, urls, steps=steps, length=steps, digests=digests)
 
 
-def eval_loader(
-    shards: str,
-    split: str,
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int = 4,
-    image_size: tuple[int, int] | None = None,
-    skip_bad_shards: bool = False,
-    cache_dir: str | None = None,
-    verify_shards: bool = False,
-) -> ShardLoader:
-    """Evaluation loader: over all ranks every sample of `split` exactly once, in shard order.
+def eval_loader(shards: str, split: str, **options) -> ShardLoader:
+    """Evaluation loader: over all ranks every sample of `split` exactly once, in shard order;
+    `options`: the LoaderOptions fields (batch_size, rank and world_size required).
 
     `len()` counts the batches this rank yields (workers flush their own partial batches);
     ranks may differ, so gather with padding (metrics.gather_varlen).
     """
+    o = LoaderOptions(**options)
     manifest = load_manifest(shards)
     urls = split_shards(manifest, split, shards)
-    ds = RankStream(
-        urls,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        steps=None,
-        image_size=image_size,
-        skip_bad_shards=skip_bad_shards,
-        cache_dir=cache_dir,
-        digests=shard_digests(manifest, split, shards) if verify_shards else None,
-    )
-    length = _eval_length(urls, rank, world_size, workers, batch_size)
-    return ShardLoader(ds, length=length, workers=workers)
+    length = _eval_length(urls, o.rank, o.world_size, o.workers, o.batch_size)
+    digests = shard_digests(manifest, split, shards) if o.verify_shards else None
+    return _loader(o, urls, steps=None, length=length, digests=digests)
 
 
 def from_urls(
-    urls: str | list[str],
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    num_samples: int,
-    train: bool = True,
-    seed: int = 0,
-    workers: int = 4,
-    shuffle_buffer: int = 2000,
-    resample: bool = False,
-    image_size: tuple[int, int] | None = None,
-    skip_bad_shards: bool = False,
-    prefetch_factor: int = 2,
-    persistent_workers: bool = False,
-    cache_dir: str | None = None,
+    urls: str | list[str], *, num_samples: int, train: bool = True, **options
 ) -> ShardLoader:
     """A loader over shards named directly, without a manifest: a list, or webdataset's
-    brace / `::` notation ("pipe:aws s3 cp s3://b/pcam/train-{000000..000007}.tar -").
+    brace / `::` notation ("pipe:aws s3 cp s3://b/pcam/train-{000000..000007}.tar -");
+    `options`: the LoaderOptions fields (verify_shards needs a manifest: not available).
 
     `num_samples` (the total over the shards) sets the training step count. Per-shard counts
     are unknown, so the plans assume equal shards (num_samples spread evenly): the training
@@ -727,38 +700,20 @@ def from_urls(
     the tail of a larger one is not read. For evaluation `len()` assumes equal shards; the
     truncation check against the manifest is off.
     """
+    o = LoaderOptions(**options)
+    if o.verify_shards:
+        raise TypeError("from_urls: verify_shards needs the manifest's digests")
     expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
     per_shard = num_samples / max(1, len(expanded))
-    shards = [(u, 0) for u in expanded]
     even = [num_samples // len(expanded) + (i < num_samples % len(expanded))
             for i in range(len(expanded))]  # fmt: skip
-    steps = steps_per_epoch(num_samples, world_size, batch_size) if train else None
-    ds = RankStream(
-        shards,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        steps=steps,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        resample=resample,
-        image_size=image_size,
-        skip_bad_shards=skip_bad_shards,
-        cache_dir=cache_dir,
-        sizes=even,
-    )
+    steps = steps_per_epoch(num_samples, o.world_size, o.batch_size) if train else None
     if train:
         length = steps
     else:
         estimate = [(u, round(per_shard)) for u in expanded]
-        length = _eval_length(estimate, rank, world_size, workers, batch_size)
-    return ShardLoader(
-        ds,
-        length=length,
-        workers=workers,
-        prefetch_factor=prefetch_factor,
-        persistent_workers=persistent_workers and train,
-    )
+        length = _eval_length(estimate, o.rank, o.world_size, o.workers, o.batch_size)
+    return _loader(o, [(u, 0) for u in expanded], steps=steps, length=length, sizes=even)
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

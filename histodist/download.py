@@ -11,13 +11,15 @@ server; files are fetched as `<base>/<name>`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from histodist.errors import HistodistError
+from histodist.fileio import file_digest
 
 ZENODO = "https://zenodo.org/records/2546921/files"
 PCAM_FILES = {
@@ -33,7 +35,7 @@ PCAM_FILES = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(HistodistError, RuntimeError):
     """Network failure or checksum mismatch; the message says what to do."""
 
 
@@ -51,21 +53,13 @@ def fetch_pcam(
     base = (url_base or os.environ.get("HISTODIST_PCAM_URL") or ZENODO).rstrip("/")
     for name, md5 in PCAM_FILES.items():
         path = dest / name
-        if path.is_file() and md5_file(path) == md5:
+        if path.is_file() and file_digest(path, "md5") == md5:
             continue
         if name.endswith(".gz") and (dest / name[: -len(".gz")]).is_file():
             continue  # already gunzipped (by hand or by an earlier run): nothing to fetch
         url = f"{base}/{name}" + ("?download=1" if base == ZENODO else "")
         download(url, path, md5, timeout=timeout)
     return dest
-
-
-def md5_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, path: Path, md5: str, *, timeout: float = 30.0) -> None:
@@ -90,7 +84,7 @@ def download(url: str, path: Path, md5: str, *, timeout: float = 30.0) -> None:
             if start and resp.status != 206:  # server ignored the Range header: start over
                 start = 0
             _stream(resp, part, start, name=path.name)
-    got = md5_file(part)
+    got = file_digest(part, "md5")
     if got != md5:
         part.unlink()
         raise DownloadError(

@@ -5,8 +5,8 @@
 
 Every input shard becomes one output shard of the same name holding the same samples (float16
 vectors, histodist.embeddings), so rank r embeds shards r::world (the evaluation loader's split:
-every sample exactly once) and needs no gather. A shard is written as `<name>.tmp` and renamed
-when complete; its record in `.shardinfo/` names the weights, the preprocessing and the input
+every sample exactly once) and needs no gather. A shard is written under a temporary name and
+renamed when complete (histodist.fileio); its record in `.shardinfo/` names the weights, the preprocessing and the input
 shard's sha256, so a re-run skips every complete shard. The main process then writes the
 manifest (model, weights sha256, hub revision, preprocessing, dimension).
 """
@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -27,8 +26,10 @@ from pathlib import Path
 import torch
 
 from histodist import data, embeddings, hub
+from histodist.errors import run_cli
+from histodist.fileio import atomic_path, atomic_write, file_digest
 from histodist.models import features
-from histodist.shard_writer import INFO_DIR, sha256_file
+from histodist.shard_writer import INFO_DIR
 from histodist.version import version_string
 
 WRITER_VERSION = 1  # bump when the bytes written for the same inputs change
@@ -121,7 +122,7 @@ def complete(out: Path, name: str, fp: str) -> dict | None:
         return None
     path = out / name
     ok = rec.get("fingerprint") == fp and path.is_file() and rec.get("bytes") == path.stat().st_size
-    return rec if ok and sha256_file(path) == rec.get("sha256") else None
+    return rec if ok and file_digest(path) == rec.get("sha256") else None
 
 
 def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -136,8 +137,8 @@ def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, 
     loader = data.from_urls([url], batch_size=args.batch_size, rank=0, world_size=1,
                             num_samples=expected, train=False, workers=args.workers,
                             image_size=args.load_size)  # fmt: skip
-    tmp, n = out_path.with_name(out_path.name + ".tmp"), 0
-    try:
+    n = 0
+    with atomic_path(out_path) as tmp:  # no partial shard left on error
         with (
             open(tmp, "wb") as f,
             tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar,
@@ -153,21 +154,13 @@ def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, 
                         _member(tar, f"{key}.cls", str(label).encode())
                     _member(tar, f"{key}.json", json.dumps({"group": group}).encode())
                     n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial shard behind
-        raise
-    if n != expected:
-        tmp.unlink(missing_ok=True)
-        raise data.ShardError(f"{url}: embedded {n} samples, manifest says {expected}")
-    os.replace(tmp, out_path)
+        if n != expected:
+            raise data.ShardError(f"{url}: embedded {n} samples, manifest says {expected}")
     return n
 
 
 def _write_record(out: Path, name: str, rec: dict) -> None:
-    path = out / INFO_DIR / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, path)
+    atomic_write(out / INFO_DIR / f"{name}.json", json.dumps(rec))
 
 
 # ----------------------------------------------------------------------------- the set
@@ -185,7 +178,7 @@ def embed_split(acc, model, transform, manifest: dict, split: str, identity: dic
         n = embed_shard(acc, model, transform, url, int(e["num_samples"]), out / e["name"], args)
         path = out / e["name"]
         rec = {"name": e["name"], "num_samples": n, "bytes": path.stat().st_size,
-               "sha256": sha256_file(path), "fingerprint": fp}  # fmt: skip
+               "sha256": file_digest(path), "fingerprint": fp}  # fmt: skip
         _write_record(out, e["name"], rec)
         counts["embedded"] += n
     return counts
@@ -269,17 +262,13 @@ def run(args) -> int:
     if acc.is_main_process:
         kept = [s for s in previous_splits(out, identity) if s not in splits]
         m = build_manifest(manifest, splits + kept, identity, args)
-        tmp = out / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(m, indent=1))
-        os.replace(tmp, out / "manifest.json")
+        atomic_write(out / "manifest.json", json.dumps(m, indent=1))
         print(f"{out}/manifest.json: {identity['dim']}-d float16 embeddings of {args.model}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from histodist.inference import run_cli
-
-    return run_cli("embed", run, build_parser().parse_args(argv))
+    return run_cli("embed", run, build_parser().parse_args(argv), extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from histodist import inference, report
 from histodist.distributed import set_cpu_threads
+from histodist.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder written by histodist.train")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    inference.add_run_flags(p, wandb=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shards", help="shard folder or URL (default: the run's)")
     src.add_argument("--input", nargs="+", help="labelled image folder(s), CSV(s) or files")
@@ -33,18 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
     )
-    inference.add_precision_flag(p)
-    p.add_argument("--batch-size", type=int, help="per process (default: the run's)")
-    p.add_argument("--workers", type=int, default=2, help="decode workers per process")
+    inference.add_batch_flags(p, None, "per process (default: the run's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--knn", type=int, default=0, metavar="K",
                    help="runs on embedding shards: also a K-nearest-neighbour probe with the "
                    "run's training split as reference (0 = off)")  # fmt: skip
     p.add_argument("--out", help="output folder (default: RUN/eval-<split>)")
-    p.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"),
-                   help="W&B mode (default: the run's)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -209,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
-    return inference.run_cli("evaluate", run_eval, args, Accelerator())
+    return run_cli("evaluate", run_eval, args, Accelerator(), extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from histodist import inference, report
+from histodist.errors import run_cli
 from histodist.gradcam import gradcam
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.explain", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder written by histodist.train")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    inference.add_run_flags(p, device=True, wandb=True)
     p.add_argument("--shards", help="shard folder or URL (default: the run's)")
     p.add_argument("--split", help="shard split (default: the run's valid split)")
     p.add_argument("--input", nargs="+", help="image folders / CSVs / files instead of shards")
@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("pred", "true"), default="pred",
                    help="class whose evidence the heatmap shows")  # fmt: skip
     p.add_argument("--out", help="PNG path (default: RUN/explain-<split>-<mode>.png)")
-    inference.add_precision_flag(p)
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("--workers", type=int, default=2, help="decode worker processes")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
-    p.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"),
-                   help="W&B mode (default: the run's)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inference.add_batch_flags(p, 128, "images per batch")
     return p
 
 
@@ -148,7 +142,7 @@ def run_explain(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("explain", run_explain, args)
+    return run_cli("explain", run_explain, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -15,26 +15,26 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from histodist import inference
+from histodist.errors import HistodistError, run_cli
+from histodist.fileio import atomic_path
 
 TOLERANCE = 1e-4
 SUFFIX = {"onnx": "onnx", "torchscript": "pt", "safetensors": "safetensors"}
 
 
-class ExportError(RuntimeError):
+class ExportError(HistodistError, RuntimeError):
     """Export failed or the exported model disagrees with the PyTorch one."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.export", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder written by histodist.train")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    inference.add_run_flags(p)
     p.add_argument("--format", required=True, choices=tuple(SUFFIX), help="export format")
     p.add_argument("--out", help="output folder (default: RUN/export)")
     p.add_argument("--batch", type=int, default=8, help="images in the parity batch")
@@ -55,19 +55,6 @@ def parity_batch(run: inference.Run, n: int) -> torch.Tensor:
     return run.transform()(images)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _publish(path: Path) -> None:
-    """Rename the finished temporary file into place with the usual file mode (some writers
-    create 0600 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(_tmp(path), 0o666 & ~umask)
-    os.replace(_tmp(path), path)
-
-
 def export_torchscript(model, x: torch.Tensor, path: Path) -> torch.Tensor:
     """torch.jit.trace (the models have no data-dependent control flow); returns the reloaded
     module's logits on x."""
@@ -75,8 +62,8 @@ def export_torchscript(model, x: torch.Tensor, path: Path) -> torch.Tensor:
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated, still what C++ loads
-        torch.jit.trace(model, x).save(str(_tmp(path)))
-        _publish(path)
+        with atomic_path(path) as tmp:
+            torch.jit.trace(model, x).save(str(tmp))
         return torch.jit.load(str(path)).eval()(x)
 
 
@@ -86,8 +73,8 @@ def export_safetensors(run: inference.Run, x: torch.Tensor, path: Path) -> torch
 
     from histodist.models import build_model
 
-    save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(_tmp(path)))
-    _publish(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(tmp))
     fresh = build_model(run.cfg.model, num_classes=len(run.classes), image_size=run.image_size)
     fresh.load_state_dict(load_file(str(path)))
     with torch.no_grad():
@@ -103,19 +90,18 @@ def export_onnx(model, x: torch.Tensor, path: Path, opset: int) -> torch.Tensor 
     if not importlib.util.find_spec("onnx"):
         raise ExportError("--format onnx needs the onnx package: pip install -e '.[export]'")
     kw = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
-    with torch.no_grad(), warnings.catch_warnings():
+    import onnx
+
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         if importlib.util.find_spec("onnxscript"):
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (x,), str(_tmp(path)), dynamo=True, external_data=False,
+            torch.onnx.export(model, (x,), str(tmp), dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch},), verbose=False, **kw)  # fmt: skip
         else:
-            torch.onnx.export(model, (x,), str(_tmp(path)), dynamo=False,
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)  # fmt: skip
-    import onnx
-
-    onnx.checker.check_model(str(_tmp(path)))
-    _publish(path)
+        onnx.checker.check_model(str(tmp))
     if not importlib.util.find_spec("onnxruntime"):
         print("onnxruntime not installed: ONNX parity not run (pip install onnxruntime)")
         return None
@@ -204,7 +190,7 @@ def run_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("export", run_export, args, extra=(ExportError,))
+    return run_cli("export", run_export, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from histodist.errors import HistodistError
+
 PREFIXES = ("hf-hub:", "local-dir:")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class HubError(ValueError):
+class HubError(HistodistError, ValueError):
     """A hub model that cannot be fetched or built; the message says why and the fix."""
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from histodist.errors import HistodistError
+
 ENCODINGS = ("auto", "original", "png", "jpeg", "raw")
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp", "WEBP": "webp"}
 CONVERSIONS = ("grayscale", "rgba", "palette", "16bit", "other")
 
 
-class DecodeError(ValueError):
+class DecodeError(HistodistError, ValueError):
     """The image cannot be decoded (corrupt, truncated, not an image, wrong array shape)."""
 
 

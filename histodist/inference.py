@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +23,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".npy")
+from histodist.config import WANDB_MODES
+from histodist.errors import HistodistError
+from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
+
+IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".npy")  # image files, and uint8 arrays saved by np.save
 # Dihedral indices (histodist.augment.dihedral: k % 4 quarter turns, k >= 4 adds a flip) used
 # for each TTA size: 2 = identity + mirror, 4 = the four rotations, 8 = the whole group.
 TTA_KS = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_run_flags(parser, *, device: bool = False, wandb: bool = False) -> None:
+    """The options every command on a run folder shares: --run and --checkpoint. With `device`
+    also --device, with `wandb` also --wandb (default: the run's mode)."""
+    parser.add_argument("--run", required=True, help="run folder written by histodist.train")
+    parser.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    if device:
+        parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
+    if wandb:
+        parser.add_argument("--wandb", choices=WANDB_MODES, help="W&B mode (default: the run's)")
+
+
+def add_batch_flags(parser, batch_size: int | None, batch_help: str) -> None:
+    """The options every command that runs the model over images shares: --precision,
+    --batch-size, --workers, --no-progress."""
+    add_precision_flag(parser)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_precision_flag(parser) -> None:
@@ -56,25 +78,8 @@ def autocast_for(requested: str, device) -> tuple[Callable | None, object]:
     return (lambda: torch.autocast(device.type, dtype=dtype)), choice
 
 
-class InputError(ValueError):
+class InputError(HistodistError, ValueError):
     """An input path, CSV or run folder that cannot be used; the message names it and the fix."""
-
-
-def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
-    """Run a command's body; bad input (a run, shard, config or file error, or one of `extra`)
-    becomes one line `histodist.<prog>: error: ...` on stderr and exit code 1."""
-    from histodist.checkpoint import CheckpointError
-    from histodist.config import ConfigError
-    from histodist.data import DataError
-    from histodist.hub import HubError
-    from histodist.remote import ShardError
-
-    user_errors = (InputError, CheckpointError, ConfigError, DataError, ShardError, HubError)
-    try:
-        return fn(*args)
-    except (*user_errors, FileNotFoundError, *extra) as e:
-        print(f"histodist.{prog}: error: {e}", file=sys.stderr)
-        return 1
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -451,18 +456,8 @@ def warn_unreadable(preds: Predictions) -> None:
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        write(f)
     return path
 
 

@@ -20,6 +20,8 @@ from histodist import augment as aug
 from histodist import build
 from histodist.config import Config, build_parser, replace, resolve_namespace
 from histodist.data import load_manifest
+from histodist.errors import run_cli
+from histodist.fileio import atomic_path
 from histodist.models import build_model
 from histodist.optim import build_optimizer
 
@@ -115,25 +117,23 @@ def plot(lrs: list[float], losses: list[float], lr: float, path: str | Path) -> 
     )
     ax.legend()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from histodist.train import errors
+    return run_cli("lr_find", _main, argv)
 
-    try:
-        cfg, opts = parse(argv)
-        lrs, losses, acc = range_test(
-            cfg, start_lr=opts["start_lr"], end_lr=opts["end_lr"], num_steps=opts["num_steps"]
-        )
-    except errors() as e:
-        print(f"histodist.lr_find: error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str] | None) -> int:
+    cfg, opts = parse(argv)
+    lrs, losses, acc = range_test(
+        cfg, start_lr=opts["start_lr"], end_lr=opts["end_lr"], num_steps=opts["num_steps"]
+    )
     if acc.is_main_process:
         lr = suggest(lrs, losses)
         path = plot(lrs, losses, lr, opts["out"])

@@ -27,12 +27,13 @@ from torch import nn
 from histodist import hub
 from histodist.config import ConfigError, ModelConfig
 from histodist.embeddings import HEADS
+from histodist.errors import HistodistError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(ValueError):
+class WeightsError(HistodistError, ValueError):
     """A --weights file that cannot be read or matches nothing in the model."""
 
 

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 from histodist import inference
+from histodist.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder written by histodist.train")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    inference.add_run_flags(p, device=True)
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, folders, CSVs (path or id column), or one shard folder")  # fmt: skip
     p.add_argument("--split", default="test", help="split to predict when --input is shards")
@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
     )
-    inference.add_precision_flag(p)
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    p.add_argument("--workers", type=int, default=2, help="decode worker processes")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inference.add_batch_flags(p, 256, "images per batch")
     return p
 
 
@@ -79,7 +75,7 @@ def run_predict(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return inference.run_cli("predict", run_predict, args)
+    return run_cli("predict", run_predict, args, extra=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -31,13 +31,15 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import BinaryIO
+
+from histodist.errors import HistodistError
+from histodist.fileio import atomic_path
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps the cache consistent.
     import fcntl
@@ -60,7 +62,7 @@ _TRANSIENT_ERRORS = (OSError, http.client.HTTPException)
 _CHUNK = 1 << 20
 
 
-class ShardError(RuntimeError):
+class ShardError(HistodistError, RuntimeError):
     """A shard or manifest cannot be read; the message names the URL / path and the fix."""
 
 
@@ -258,17 +260,13 @@ def _cached(url: str, cache_dir: str, open_remote) -> BinaryIO:
     with open(f"{final}.lock", "a+b") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # others wait here, then find the finished file
-        if not final.exists():
-            tmp = f"{final}.part.{os.getpid()}.{threading.get_ident()}"
-            try:
-                with open_remote() as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                os.replace(tmp, final)  # atomic: readers see no file or the whole file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        if not final.exists():  # atomic: readers see no file or the whole file
+            with (
+                atomic_path(final, fsync=True) as tmp,
+                open_remote() as src,
+                open(tmp, "wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst, _CHUNK)
     return open(final, "rb")
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histodist.fileio import atomic_path
+
 ECE_BINS = 15  # the usual choice since Guo et al. 2017; enough bins for ~1k samples
 
 
@@ -291,9 +293,8 @@ def figure():
 def save_figure(fig, path: str | Path) -> Path:
     """Write through a temporary name so a crash never leaves half a PNG."""
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     return path
 
 

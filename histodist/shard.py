@@ -28,8 +28,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histodist import imageio, sources
-from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, sha256_file, write_shard
-from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.errors import run_cli
+from histodist.fileio import atomic_write, file_digest
+from histodist.remote import ShardError  # a shard or manifest problem; the message names it
+from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
+from histodist.sources import FileReader, Item, Scan, SourceOptions
 from histodist.sources.split import split_items
 from histodist.version import version_string
 
@@ -42,10 +45,6 @@ MIN_SHARDS = 8  # small splits are still cut into 8 shards so ranks x loader wor
 # files, bytes streamed through for http / pipe: shards without --cache-dir.
 NODE_READERS = 32
 SAMPLE_OVERHEAD = 2048  # tar headers of 3 members, padding and the .json sidecar
-
-
-class ShardError(RuntimeError):
-    """A shard or manifest problem (verification failure, bad option); the message names it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,26 +94,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.verify:
-            n = verify(args.verify)
-            print(f"histodist.shard: {args.verify}: {n} shards verified")
-            return 0
-        if not args.dataset or not args.out or not (args.src or args.download):
-            parser.error("--dataset, --out and --src (or --download) are required")
-        if args.download:
-            from histodist.download import DownloadError, fetch_pcam
+    # A file the shard writer cannot read or write is the user's to fix: one line, exit 1.
+    return run_cli("shard", _main, parser, args, argv, extra=(OSError,))
 
-            if args.dataset != "pcam":
-                parser.error("--download is only available for --dataset pcam")
-            try:
-                args.src = str(fetch_pcam(args.cache_dir or args.src, args.url_base))
-            except DownloadError as e:
-                raise ShardError(str(e)) from e
-        manifest = run(args, argv)
-    except (SourceError, ShardError, OSError) as e:
-        print(f"histodist.shard: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    if args.verify:
+        n = verify(args.verify)
+        print(f"histodist.shard: {args.verify}: {n} shards verified")
+        return 0
+    if not args.dataset or not args.out or not (args.src or args.download):
+        parser.error("--dataset, --out and --src (or --download) are required")
+    if args.download:
+        from histodist.download import fetch_pcam
+
+        if args.dataset != "pcam":
+            parser.error("--download is only available for --dataset pcam")
+        args.src = str(fetch_pcam(args.cache_dir or args.src, args.url_base))
+    manifest = run(args, argv)
     _print_summary(manifest, args.out)
     warning = few_shards_warning(manifest)
     if warning:
@@ -290,7 +287,8 @@ def _done(records: dict, rec: dict, bar: tqdm, size: dict) -> None:
 def remove_stale(out: Path, keep: set[str]) -> None:
     """Delete shards (and temporaries) of an earlier plan that this run did not write."""
     for p in out.iterdir():
-        if re.fullmatch(r"[A-Za-z0-9_]+-\d{6}\.tar(\.tmp)?", p.name) and p.name not in keep:
+        shard = r"[A-Za-z0-9_]+-\d{6}\.tar"  # a temporary: .<shard>.<random>.tmp (fileio)
+        if re.fullmatch(rf"{shard}(\.tmp)?|\.{shard}\.\w+\.tmp", p.name) and p.name not in keep:
             p.unlink()
             (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
 
@@ -381,7 +379,7 @@ def verify(folder: str | Path) -> int:
             path = folder / sh["name"]
             if not path.is_file():
                 raise ShardError(f"{path}: shard missing")
-            if path.stat().st_size != sh["bytes"] or sha256_file(path) != sh["sha256"]:
+            if path.stat().st_size != sh["bytes"] or file_digest(path) != sh["sha256"]:
                 raise ShardError(f"{path}: sha256 or size differs from the manifest")
             try:
                 count = len(read_shard_keys(path))
@@ -396,9 +394,7 @@ def verify(folder: str | Path) -> int:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _print_summary(manifest: dict, out: str) -> None:

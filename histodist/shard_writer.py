@@ -1,6 +1,6 @@
 """Write one tar shard (in a worker process) and check shards against their records.
 
-A shard is written as `<name>.tar.tmp` and renamed when complete, so a file named `*.tar` is
+A shard is written under a hidden temporary name (histodist.fileio) and renamed when complete, so a file named `*.tar` is
 always whole. Its record (counts, bytes, sha256, statistics) goes to `.shardinfo/<name>.json`
 beside it, with a fingerprint of its planned content: a re-run skips a shard whose file still
 hashes to the record and whose plan is unchanged. Tar headers carry no time or owner, so the same
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from histodist import imageio
+from histodist.fileio import atomic_path, atomic_write, file_digest
 from histodist.sources import Item, Reader
 
 INFO_DIR = ".shardinfo"
@@ -52,14 +52,6 @@ class ShardTask:
         return h.hexdigest()
 
 
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def reusable(task: ShardTask) -> dict | None:
     """The previous record of this shard if its file is complete, unchanged and planned alike."""
     path, info = Path(task.out_dir) / task.name, _info_path(task)
@@ -71,7 +63,7 @@ def reusable(task: ShardTask) -> dict | None:
         return None
     if rec.get("fingerprint") != task.fingerprint() or rec.get("bytes") != path.stat().st_size:
         return None
-    return rec if sha256_file(path) == rec.get("sha256") else None
+    return rec if file_digest(path) == rec.get("sha256") else None
 
 
 def write_shard(task: ShardTask) -> dict:
@@ -79,21 +71,15 @@ def write_shard(task: ShardTask) -> dict:
     rec = reusable(task)
     if rec is not None:
         return {**rec, "reused": True}
-    path = Path(task.out_dir) / task.name
-    tmp = path.with_name(path.name + ".tmp")
     rec = _new_record(task)
     hist = np.zeros((3, 256), np.int64)  # exact integer counts, cheap: np.bincount per channel
-    try:
+    with atomic_path(Path(task.out_dir) / task.name) as tmp:  # no partial shard left on error
         _fill(tmp, task, rec, hist)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial shard behind
-        raise
+        rec["bytes"], rec["sha256"] = tmp.stat().st_size, file_digest(tmp)
     v = np.arange(256) / 255.0
     rec["sum"], rec["sumsq"] = (hist @ v).tolist(), (hist @ (v * v)).tolist()
     rec["pixels"] = int(hist[0].sum())
-    rec["bytes"], rec["sha256"] = tmp.stat().st_size, sha256_file(tmp)
-    os.replace(tmp, path)
-    _atomic_write(_info_path(task), json.dumps(rec))
+    atomic_write(_info_path(task), json.dumps(rec))
     return {**rec, "reused": False}
 
 
@@ -168,13 +154,6 @@ def _add_sample(tar: tarfile.TarFile, item: Item, enc: imageio.Encoded, classes:
 
 def _info_path(task: ShardTask) -> Path:
     return Path(task.out_dir) / INFO_DIR / f"{task.name}.json"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_shard_keys(path: str | Path) -> Counter:

@@ -17,10 +17,12 @@ import hashlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from histodist.errors import HistodistError
+
 BLOCK = 512
 
 
-class TarStreamError(ValueError):
+class TarStreamError(HistodistError, ValueError):
     """A damaged or truncated tar stream."""
 
 

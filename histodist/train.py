@@ -10,35 +10,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from histodist.config import Config, ConfigError, parse_args
+from histodist.config import Config, parse_args
+from histodist.errors import EXIT_DIVERGED, run_cli
 
 if TYPE_CHECKING:
     from histodist import loop
 
-EXIT_NAN = 3  # training diverged (NaN/inf loss for --max-bad-steps steps)
-
-
-def errors() -> tuple[type[Exception], ...]:
-    """The expected failures: one line on stderr, exit 2. Imported here, after the flags are
-    parsed, so that `--help` and a bad flag answer before torch and timm load (~9 s)."""
-    from histodist import build
-    from histodist.augment import AugmentError
-    from histodist.checkpoint import CheckpointError
-    from histodist.data import DataError
-    from histodist.hub import HubError
-    from histodist.models import WeightsError
-    from histodist.remote import ShardError
-
-    return (
-        ConfigError,
-        build.TrainError,
-        ShardError,
-        DataError,
-        WeightsError,
-        AugmentError,
-        CheckpointError,
-        HubError,
-    )
+EXIT_NAN = EXIT_DIVERGED  # NaN/inf loss for --max-bad-steps steps
 
 
 def setup(cfg: Config) -> loop.Parts:
@@ -157,17 +135,7 @@ def summary(st: loop.State, cfg: Config, m: dict, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as e:
-        print(f"histodist.train: error: {e}", file=sys.stderr)
-        return 2
-    expected = errors()
-    try:
-        return run(cfg)
-    except expected as e:
-        print(f"histodist.train: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("train", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ multi-process launch (2 ranks x 2 workers) is in test_data_multiprocess.py.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -429,3 +430,15 @@ def test_verify_shards_in_training_checks_shards_cut_between_workers(tmp_path, i
         read(verify_shards=True)
     keys, stats = read(verify_shards=True, skip_bad_shards=True)
     assert stats["bad_shards"] == 1 and len(keys) == 24
+
+
+def test_loader_options_are_one_declaration():
+    """train_loader / eval_loader / from_urls take the same LoaderOptions fields; a misspelt
+    one is an error before any shard is opened."""
+    names = {f.name for f in dataclasses.fields(data.LoaderOptions)}
+    assert {"batch_size", "rank", "world_size", "workers", "cache_dir", "verify_shards"} <= names
+    for make in (lambda **k: data.train_loader("nowhere", **k),
+                 lambda **k: data.eval_loader("nowhere", "valid", **k),
+                 lambda **k: data.from_urls(["a.tar"], num_samples=1, **k)):  # fmt: skip
+        with pytest.raises(TypeError, match="shufle_buffer"):
+            make(batch_size=2, rank=0, world_size=1, shufle_buffer=10)

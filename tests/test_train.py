@@ -112,7 +112,7 @@ def test_existing_run_bad_shards_and_nan_are_clear_errors(run_a, shards, tmp_pat
     base = ["--shards", str(shards), "--wandb", "disabled", *TINY, "--epochs", "1"]
     assert train.main([*base, "--runs-dir", str(run_dir.parent), "--run-name", "a"]) == 2
     assert "pass --resume" in capsys.readouterr().err
-    assert train.main(["--shards", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)]) == 2
+    assert train.main(["--shards", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)]) == 1
     assert "histodist.train: error:" in capsys.readouterr().err
     # A diverging run stops after --max-bad-steps and never saves a best checkpoint.
     rc = train.main(

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from histodist.fileio import atomic_write
+
 MB = 1024 * 1024
 
 
@@ -205,12 +207,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write obj as indented JSON through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _cell(v: Any) -> str:

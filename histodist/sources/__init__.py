@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from histodist.errors import HistodistError
+from histodist.fileio import IMAGE_EXTENSIONS
+
 LAYOUTS = {
     "pcam": "pcam",
     "kaggle-hcd": "kaggle_hcd",
@@ -28,11 +31,10 @@ LAYOUTS = {
     "folder": "folder",
     "csv": "csv",
 }
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 Payload = bytes | np.ndarray
 
 
-class SourceError(ValueError):
+class SourceError(HistodistError, ValueError):
     """Bad raw input (missing file, unknown label, wrong shape...); the message names the file."""
 
 
@@ -168,7 +170,7 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTS
+        if p.suffix.lower() in IMAGE_EXTENSIONS
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )

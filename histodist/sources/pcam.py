@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from histodist.fileio import atomic_path
 from histodist.sources import (
     Item,
     Payload,
@@ -120,15 +120,11 @@ def _locate(folder: Path, name: str, cache: Path) -> Path | None:
     out = cache / name
     if out.is_file() and out.stat().st_mtime >= gz.stat().st_mtime:
         return out
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+        with atomic_path(out) as tmp, gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 22)
     except (OSError, EOFError) as e:
-        tmp.unlink(missing_ok=True)
         raise SourceError(f"{gz}: cannot gunzip ({e}); delete it and download it again") from e
-    os.replace(tmp, out)
     return out
 
 

@@ -1,0 +1,44 @@
+"""The base of every expected error, the exit codes, and the runner every command uses.
+
+An expected error is one a user can fix: its message names the file, flag or run and says
+the fix. Every command runs its body through `run_cli`, which turns one into a single line
+`histodist.<cmd>: error: ...` on stderr and the documented exit code, with no traceback.
+Anything else is a bug and keeps its traceback. Imports only the standard library, so a
+command answers a bad flag before torch loads.
+
+Exit codes (docs/architecture.md):
+  0  success
+  1  runtime failure: unreadable shards or inputs, a checkpoint that cannot be written, ...
+  2  usage or configuration error: a bad flag or value, a run folder the options cannot use
+     (argparse's own errors exit 2 as well)
+  3  training diverged: a NaN/inf loss for --max-bad-steps consecutive steps
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+
+
+class HistodistError(Exception):
+    """An expected failure with a message that names what is wrong and the fix."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(HistodistError):
+    """Options that cannot work together or with the data or run folder they name."""
+
+    exit_code = EXIT_USAGE
+
+
+def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
+    """Return `fn(*args)`; a HistodistError (or one of `extra`, e.g. OSError for a command
+    whose every file error is the user's) becomes one line on stderr and its exit code."""
+    try:
+        return fn(*args)
+    except (HistodistError, *extra) as e:
+        print(f"histodist.{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_FAILURE)
