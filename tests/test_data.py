@@ -1,4 +1,4 @@
-"""histodist.data in one process: counts, splits, determinism, bad input, no unpickling.
+"""histodist.data.loader in one process: counts, splits, determinism, bad input, no unpickling.
 
 Shards are built from real pcam-jpeg patches with uneven sizes (10, 8, 6 samples). The real
 multi-process launch (2 ranks x 2 workers) is in test_data_multiprocess.py.
@@ -19,10 +19,10 @@ import pytest
 import torch
 from shardkit import pcam_images, write_shards
 
-from histodist import data
-from histodist.remote import ShardError
+from histodist.data import loader as data
+from histodist.data.remote import ShardError
 
-# torchvision 0.29 deprecates its image decoders (histodist.data silences it outside pytest)
+# torchvision 0.29 deprecates its image decoders (histodist.data.loader silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SIZES = [10, 8, 6]
