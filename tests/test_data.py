@@ -10,6 +10,8 @@ import dataclasses
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -442,3 +444,23 @@ def test_loader_options_are_one_declaration():
                  lambda **k: data.from_urls(["a.tar"], num_samples=1, **k)):  # fmt: skip
         with pytest.raises(TypeError, match="shufle_buffer"):
             make(batch_size=2, rank=0, world_size=1, shufle_buffer=10)
+
+
+def test_package_forwards_loader_names_and_its_light_modules_import_no_torch():
+    """`from histodist import data; data.train_loader(...)` reaches the loader, while
+    histodist.data.remote / tarstream / epoch_plan alone (the CLIs' --help path) load no torch."""
+    import histodist.data as package
+
+    assert package.train_loader is data.train_loader and package.LoaderOptions is data.LoaderOptions
+    with pytest.raises(AttributeError):
+        package._worker_init  # noqa: B018  (private names are not forwarded)
+    code = (
+        "import sys\n"
+        "from histodist.data import epoch_plan, remote, tarstream\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    root = Path(__file__).resolve().parent.parent  # this checkout's package first
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip() == "NO-TORCH", proc.stdout + proc.stderr
