@@ -118,7 +118,9 @@ def test_slurm_time_limit_checkpoints_every_rank_requeues_and_resumes(
     info = slurm.wait(job, lambda j: j["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),
                       420, "the resumed job's end")  # fmt: skip
     text = log()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        f"{text[-3000:]}\n{info}\n{slurm.daemon_logs()}"
+    )
     assert f"job {job} (restart 1)" in text
     assert f"step {saved}" in text.split(f"job {job} (restart 1)")[1]  # resumed, not restarted
     final = json.loads((last / "meta.json").read_text())
