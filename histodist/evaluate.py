@@ -205,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
-    return run_cli("evaluate", run_eval, args, Accelerator(), extra=(FileNotFoundError,))
+    acc = Accelerator()
+    try:
+        return run_cli("evaluate", run_eval, args, acc, extra=(FileNotFoundError,))
+    finally:
+        # Destroy the process group before exit: a rank leaving with gloo's threads alive can
+        # abort ("terminate called without an active exception", exit -6).
+        acc.end_training()
 
 
 if __name__ == "__main__":

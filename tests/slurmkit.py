@@ -108,6 +108,15 @@ class Slurm:
         self.jobs.append(job)
         return job
 
+    def daemon_logs(self, lines: int = 30) -> str:
+        """The last lines of slurmctld's and slurmd's logs, for a failing test's message."""
+        out = []
+        for name in ("ctld.log", "d.log"):
+            path = self.folder / name
+            text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+            out += [f"--- {name}", *text[-lines:]]
+        return "\n".join(out)
+
     def job(self, job: str) -> dict[str, str]:
         """`scontrol show job` as {key: value} (JobState, Restarts, TimeLimit, ...)."""
         out = self.cmd("scontrol", "show", "job", "-o", job)

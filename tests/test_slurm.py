@@ -113,12 +113,16 @@ def test_slurm_time_limit_checkpoints_every_rank_requeues_and_resumes(
         assert f"[rank {rank}] checkpoint saved at step {saved}" in first, first[-3000:]
         assert (last / f"random_states_{rank}.pkl").is_file()
     assert f"requeueing job {job}" in first
-    # Slurm holds a requeued job back ~2 minutes (BeginTime); release it now, with time to finish.
-    slurm.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now")
+    # Slurm holds a requeued job back ~2 minutes (BeginTime); release it sooner, with time to
+    # finish. Not at once: slurmd revokes the previous run's job credential, and a start within
+    # that second is killed as "Job credential revoked" (seen in slurmctld's log).
+    slurm.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now+10")
     info = slurm.wait(job, lambda j: j["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),
                       420, "the resumed job's end")  # fmt: skip
     text = log()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        f"{text[-3000:]}\n{info}\n{slurm.daemon_logs()}"
+    )
     assert f"job {job} (restart 1)" in text
     assert f"step {saved}" in text.split(f"job {job} (restart 1)")[1]  # resumed, not restarted
     final = json.loads((last / "meta.json").read_text())
