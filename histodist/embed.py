@@ -4,7 +4,7 @@
     accelerate launch -m histodist.embed --model virchow2 --shards S --out E   # several GPUs/nodes
 
 Every input shard becomes one output shard of the same name holding the same samples (float16
-vectors, histodist.embeddings), so rank r embeds shards r::world (the evaluation loader's split:
+vectors, histodist.data.embeddings), so rank r embeds shards r::world (the evaluation loader's split:
 every sample exactly once) and needs no gather. A shard is written under a temporary name and
 renamed when complete (histodist.fileio); its record in `.shardinfo/` names the weights, the preprocessing and the input
 shard's sha256, so a re-run skips every complete shard. The main process then writes the
@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
-from histodist import data, embeddings, hub
+from histodist import hub
+from histodist.data import embeddings
+from histodist.data import loader as data
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
+from histodist.ingest.writer import INFO_DIR
 from histodist.models import features
-from histodist.shard_writer import INFO_DIR
 from histodist.version import version_string
 
 WRITER_VERSION = 1  # bump when the bytes written for the same inputs change

@@ -17,9 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from histodist import inference, report
-from histodist.distributed import set_cpu_threads
 from histodist.errors import run_cli
+from histodist.inference import core as inference
+from histodist.inference import report
+from histodist.training.distributed import set_cpu_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def youden_from_valid(acc, run: inference.Run, args, shards: str | None, split: 
         m = json.loads(done.read_text())
         if m.get("checkpoint") == run.meta.get("step") and m.get("tta") == args.tta:
             return m["patch"]["at_youden"]["threshold"], f"{valid} (eval-{valid}/metrics.json)"
-    from histodist.data import load_manifest
+    from histodist.data.loader import load_manifest
 
     if valid not in load_manifest(shards).get("splits", {}):
         return None, "self"
@@ -120,7 +121,7 @@ def _source(args, run: inference.Run) -> tuple[str | None, str | None, str]:
     shards = args.shards or run.cfg.data.shards
     split = args.split
     if split is None:
-        from histodist.data import load_manifest
+        from histodist.data.loader import load_manifest
 
         split = "test" if "test" in load_manifest(shards).get("splits", {}) else None
         split = split or run.cfg.data.valid_split
@@ -132,7 +133,7 @@ def _check_count(metrics: dict, shards: str, split: str) -> None:
     bad shards skipped)."""
     import warnings
 
-    from histodist.data import load_manifest
+    from histodist.data.loader import load_manifest
 
     expected = load_manifest(shards)["splits"][split]["num_samples"]
     metrics["expected_samples"] = expected
@@ -142,10 +143,10 @@ def _check_count(metrics: dict, shards: str, split: str) -> None:
 
 
 def _knn(run: inference.Run, args, shards: str | None, split: str | None) -> dict:
-    """The k-NN probe's report (histodist.knn), printed as a table too."""
+    """The k-NN probe's report (histodist.inference.knn), printed as a table too."""
     if not run.manifest.get("embedding") or shards is None:
         raise inference.InputError("--knn: needs a run trained on embedding shards and --shards")
-    from histodist.knn import knn_report
+    from histodist.inference.knn import knn_report
 
     rep = knn_report(run, shards, split, args.knn, n_boot=args.bootstrap, seed=args.seed)
     print(report.format_table(rep, f"{split} k-NN probe (k={args.knn})"))

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from histodist import inference, report
 from histodist.errors import run_cli
-from histodist.gradcam import gradcam
+from histodist.inference import core as inference
+from histodist.inference import report
+from histodist.inference.gradcam import gradcam
 
 
 def build_parser() -> argparse.ArgumentParser:

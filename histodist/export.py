@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from histodist import inference
 from histodist.errors import HistodistError, run_cli
 from histodist.fileio import atomic_path
+from histodist.inference import core as inference
 
 TOLERANCE = 1e-4
 SUFFIX = {"onnx": "onnx", "torchscript": "pt", "safetensors": "safetensors"}

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from histodist import augment as aug
-from histodist import build
 from histodist.config import Config, build_parser, replace, resolve_namespace
-from histodist.data import load_manifest
+from histodist.data.loader import load_manifest
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path
 from histodist.models import build_model
-from histodist.optim import build_optimizer
+from histodist.training import build
+from histodist.training.optim import build_optimizer
 
 LR_FLAGS = ("start_lr", "end_lr", "num_steps", "out")
 

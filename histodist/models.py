@@ -26,7 +26,7 @@ from torch import nn
 
 from histodist import hub
 from histodist.config import ConfigError, ModelConfig
-from histodist.embeddings import HEADS
+from histodist.data.embeddings import HEADS
 from histodist.errors import HistodistError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from histodist import inference
 from histodist.errors import run_cli
+from histodist.inference import core as inference
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from histodist import imageio, sources
+from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
 from histodist.errors import run_cli
 from histodist.fileio import atomic_write, file_digest
-from histodist.remote import ShardError  # a shard or manifest problem; the message names it
-from histodist.shard_writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
-from histodist.sources import FileReader, Item, Scan, SourceOptions
-from histodist.sources.split import split_items
+from histodist.ingest import imageio, sources
+from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
+from histodist.ingest.sources.split import split_items
+from histodist.ingest.writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
 FORMAT = "histodist-shards/1"
@@ -106,7 +106,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     if not args.dataset or not args.out or not (args.src or args.download):
         parser.error("--dataset, --out and --src (or --download) are required")
     if args.download:
-        from histodist.download import fetch_pcam
+        from histodist.ingest.download import fetch_pcam
 
         if args.dataset != "pcam":
             parser.error("--download is only available for --dataset pcam")

@@ -14,17 +14,17 @@ from histodist.config import Config, parse_args
 from histodist.errors import EXIT_DIVERGED, run_cli
 
 if TYPE_CHECKING:
-    from histodist import loop
+    from histodist.training import loop
 
 EXIT_NAN = EXIT_DIVERGED  # NaN/inf loss for --max-bad-steps steps
 
 
 def setup(cfg: Config) -> loop.Parts:
     """Resolve the config against the shards, build the Accelerator, run folder and parts."""
-    from histodist import build
-    from histodist.data import load_manifest
-    from histodist.distributed import set_determinism
+    from histodist.data.loader import load_manifest
     from histodist.models import check_model_name
+    from histodist.training import build
+    from histodist.training.distributed import set_determinism
 
     set_determinism(cfg.train.deterministic)
     check_model_name(cfg.model.model)
@@ -46,7 +46,7 @@ def setup(cfg: Config) -> loop.Parts:
 
 def log_batch_and_lr(p, step: int) -> None:
     """State the global batch and the peak lr actually used, so runs at any scale compare."""
-    from histodist.optim import global_batch, scaled_lr
+    from histodist.training.optim import global_batch, scaled_lr
 
     o, world = p.cfg.optim, p.accelerator.num_processes
     batch, lr = global_batch(o, world), scaled_lr(o, world)
@@ -59,8 +59,8 @@ def log_batch_and_lr(p, step: int) -> None:
 
 def run(cfg: Config) -> int:
     """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
-    from histodist import build
-    from histodist.distributed import set_cpu_threads
+    from histodist.training import build
+    from histodist.training.distributed import set_cpu_threads
 
     p = setup(cfg)
     st = build.resume_state(p)
@@ -83,7 +83,7 @@ def run(cfg: Config) -> int:
 
 def fit(p: loop.Parts, st: loop.State) -> str:
     """Epoch loop; returns "done", "early-stop", "preempted" or "nan"."""
-    from histodist import build, loop
+    from histodist.training import build, loop
 
     cfg = p.cfg
     while st.epoch < cfg.train.epochs:
@@ -102,7 +102,7 @@ def fit(p: loop.Parts, st: loop.State) -> str:
 
 
 def stopped(p: loop.Parts, st: loop.State, reason: str) -> str:
-    from histodist import loop
+    from histodist.training import loop
 
     if reason == "preempted":
         loop.save(p, st, improved=False)

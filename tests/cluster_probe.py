@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from histodist import data, train
+from histodist import train
+from histodist.data import loader as data
 
 RANK = int(os.environ.get("RANK", "0"))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -30,7 +31,7 @@ OUT = Path(os.environ["PROBE_OUT"])
 
 
 def record_shards() -> None:
-    """Wrap histodist.data's open_url (the loader's only way to a shard) to log each URL."""
+    """Wrap histodist.data.loader's open_url (the loader's only way to a shard) to log each URL."""
     real = data.open_url
 
     def open_url(url, **kw):

@@ -70,11 +70,11 @@ class FaultPlan:
 def install_from_env() -> FaultPlan | None:
     """Arm a plan that kills the process (exit 137) at HISTODIST_FAULT_AT ("replace:5": the
     5th os.replace; "7": the 7th operation of any kind), counting only operations made while
-    a checkpoint is saved (histodist.checkpoint.save_last)."""
+    a checkpoint is saved (histodist.training.checkpoint.save_last)."""
     spec = os.environ.get("HISTODIST_FAULT_AT", "")
     if not spec:
         return None
-    from histodist import checkpoint
+    from histodist.training import checkpoint
 
     op, _, k = spec.rpartition(":")
     plan = FaultPlan(int(k), exit_code=137, op=op or None)

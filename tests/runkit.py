@@ -23,10 +23,10 @@ def make_run(
     run_dir: Path, shards: Path, *, steps: int = 30, seed: int = 0, crop: float = 1.0
 ) -> Path:
     from histodist.augment import eval_transform
-    from histodist.checkpoint import save_weights
     from histodist.config import from_dict, save_config
-    from histodist.data import eval_loader
+    from histodist.data.loader import eval_loader
     from histodist.models import build_model
+    from histodist.training.checkpoint import save_weights
 
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints" / "best" / "meta.json").is_file():
@@ -82,9 +82,9 @@ def tiny_run(pcam_jpeg: Path, base: Path) -> tuple[Path, Path]:
 def untrained_run(run_dir: Path, classes: list[str], *, seed: int = 0) -> Path:
     """A run folder holding a freshly initialised small-cnn for `classes` (e.g. 7 HAM10000
     classes), normalised with ImageNet-like stats: for tests of the multi-class paths."""
-    from histodist.checkpoint import save_weights
     from histodist.config import from_dict, save_config
     from histodist.models import build_model
+    from histodist.training.checkpoint import save_weights
 
     cfg = from_dict({
         "data": {"shards": str(run_dir / "no-shards"), "image_size": IMAGE_SIZE, "workers": 0,

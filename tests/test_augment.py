@@ -212,7 +212,7 @@ def test_fused_color_jitter_equals_sequential_ops(batch):
 
 
 def test_channels_last_input_gives_the_same_batch(batch):
-    """histodist.data hands over channels_last uint8 batches; results must not depend on it."""
+    """histodist.data.loader hands over channels_last uint8 batches; results must not depend on it."""
     aug = A.build("pcam", out_size=64, mean=MEAN, std=STD)
     cl = batch.contiguous(memory_format=torch.channels_last)
     assert torch.allclose(aug(cl, gen(4)), aug(batch, gen(4)), atol=1e-5)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from histodist.build import class_weights
-from histodist.loop import rebalance
+from histodist.training.build import class_weights
+from histodist.training.loop import rebalance
 
 
 def _manifest(counts: list[int]) -> dict:

@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 from faultkit import FaultPlan, Killed
 
-from histodist import checkpoint as ck
-from histodist.checkpoint import (
+from histodist.training import checkpoint as ck
+from histodist.training.checkpoint import (
     CheckpointError,
     find_checkpoint,
     read_meta,

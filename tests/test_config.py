@@ -172,7 +172,7 @@ def test_val_tta_choices_are_the_tta_view_counts():
     from dataclasses import fields
 
     from histodist.config import TrainConfig
-    from histodist.inference import TTA_KS
+    from histodist.inference.core import TTA_KS
 
     (f,) = (f for f in fields(TrainConfig) if f.name == "val_tta")
     assert f.metadata["choices"] == tuple(TTA_KS)

@@ -1,4 +1,4 @@
-"""histodist.data in one process: counts, splits, determinism, bad input, no unpickling.
+"""histodist.data.loader in one process: counts, splits, determinism, bad input, no unpickling.
 
 Shards are built from real pcam-jpeg patches with uneven sizes (10, 8, 6 samples). The real
 multi-process launch (2 ranks x 2 workers) is in test_data_multiprocess.py.
@@ -10,6 +10,8 @@ import dataclasses
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -19,10 +21,10 @@ import pytest
 import torch
 from shardkit import pcam_images, write_shards
 
-from histodist import data
-from histodist.remote import ShardError
+from histodist.data import loader as data
+from histodist.data.remote import ShardError
 
-# torchvision 0.29 deprecates its image decoders (histodist.data silences it outside pytest)
+# torchvision 0.29 deprecates its image decoders (histodist.data.loader silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SIZES = [10, 8, 6]
@@ -442,3 +444,23 @@ def test_loader_options_are_one_declaration():
                  lambda **k: data.from_urls(["a.tar"], num_samples=1, **k)):  # fmt: skip
         with pytest.raises(TypeError, match="shufle_buffer"):
             make(batch_size=2, rank=0, world_size=1, shufle_buffer=10)
+
+
+def test_package_forwards_loader_names_and_its_light_modules_import_no_torch():
+    """`from histodist import data; data.train_loader(...)` reaches the loader, while
+    histodist.data.remote / tarstream / epoch_plan alone (the CLIs' --help path) load no torch."""
+    import histodist.data as package
+
+    assert package.train_loader is data.train_loader and package.LoaderOptions is data.LoaderOptions
+    with pytest.raises(AttributeError):
+        package._worker_init  # noqa: B018  (private names are not forwarded)
+    code = (
+        "import sys\n"
+        "from histodist.data import epoch_plan, remote, tarstream\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    root = Path(__file__).resolve().parent.parent  # this checkout's package first
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip() == "NO-TORCH", proc.stdout + proc.stderr

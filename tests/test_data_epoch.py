@@ -22,9 +22,10 @@ from collections import Counter
 import pytest
 from shardkit import pcam_images, write_shards
 
-from histodist import data, epoch_plan
+from histodist.data import epoch_plan
+from histodist.data import loader as data
 
-# torchvision 0.29 deprecates its image decoders (histodist.data silences it outside pytest)
+# torchvision 0.29 deprecates its image decoders (histodist.data.loader silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 N = 40  # real PCam patches, 20 per class

@@ -19,9 +19,9 @@ import pytest
 from shardkit import pcam_images, write_shards
 from trainkit import accelerate_cpu_env, free_port
 
-from histodist import data
+from histodist.data import loader as data
 
-# torchvision 0.29 deprecates its image decoders (histodist.data silences it outside pytest)
+# torchvision 0.29 deprecates its image decoders (histodist.data.loader silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SCRIPT = Path(__file__).parent / "scripts" / "data_ranks.py"

@@ -1,4 +1,4 @@
-"""histodist.tarstream against Python's tarfile on ustar, GNU and pax archives."""
+"""histodist.data.tarstream against Python's tarfile on ustar, GNU and pax archives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from histodist.tarstream import TarStreamError, iter_tar
+from histodist.data.tarstream import TarStreamError, iter_tar
 
 
 def make_tar(fmt: int, names: list[str], with_dir: bool = True) -> bytes:

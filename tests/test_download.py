@@ -12,7 +12,8 @@ import fixtures_layouts as fx
 import pytest
 from trainkit import free_port
 
-from histodist import download, shard
+from histodist import shard
+from histodist.ingest import download
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

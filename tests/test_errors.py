@@ -10,20 +10,20 @@ from histodist.errors import EXIT_FAILURE, EXIT_USAGE, HistodistError, UsageErro
 
 ERRORS = {  # module: (class, exit code)
     "histodist.config": ("ConfigError", EXIT_USAGE),
-    "histodist.embeddings": ("EmbeddingError", EXIT_USAGE),
-    "histodist.build": ("TrainError", EXIT_USAGE),
+    "histodist.data.embeddings": ("EmbeddingError", EXIT_USAGE),
+    "histodist.training.build": ("TrainError", EXIT_USAGE),
     "histodist.augment": ("AugmentError", EXIT_USAGE),
-    "histodist.remote": ("ShardError", EXIT_FAILURE),
-    "histodist.data": ("DataError", EXIT_FAILURE),
-    "histodist.checkpoint": ("CheckpointError", EXIT_FAILURE),
+    "histodist.data.remote": ("ShardError", EXIT_FAILURE),
+    "histodist.data.loader": ("DataError", EXIT_FAILURE),
+    "histodist.training.checkpoint": ("CheckpointError", EXIT_FAILURE),
     "histodist.hub": ("HubError", EXIT_FAILURE),
     "histodist.models": ("WeightsError", EXIT_FAILURE),
-    "histodist.inference": ("InputError", EXIT_FAILURE),
+    "histodist.inference.core": ("InputError", EXIT_FAILURE),
     "histodist.export": ("ExportError", EXIT_FAILURE),
-    "histodist.sources": ("SourceError", EXIT_FAILURE),
-    "histodist.download": ("DownloadError", EXIT_FAILURE),
-    "histodist.imageio": ("DecodeError", EXIT_FAILURE),
-    "histodist.tarstream": ("TarStreamError", EXIT_FAILURE),
+    "histodist.ingest.sources": ("SourceError", EXIT_FAILURE),
+    "histodist.ingest.download": ("DownloadError", EXIT_FAILURE),
+    "histodist.ingest.imageio": ("DecodeError", EXIT_FAILURE),
+    "histodist.data.tarstream": ("TarStreamError", EXIT_FAILURE),
 }
 
 
@@ -41,7 +41,9 @@ def test_every_expected_error_has_the_base_and_its_exit_code(module, capsys):
 
 
 def test_one_shard_error():
-    from histodist import data, remote, shard
+    from histodist import shard
+    from histodist.data import loader as data
+    from histodist.data import remote
 
     assert shard.ShardError is remote.ShardError is data.ShardError
 

@@ -29,9 +29,9 @@ def _read_csv(path):
 
 
 def _direct_probs(run_dir, paths):
-    """P(class 1) computed without histodist.inference: PIL decode, the model, softmax."""
+    """P(class 1) computed without histodist.inference.core: PIL decode, the model, softmax."""
     from histodist.augment import eval_transform
-    from histodist.checkpoint import load_run_model
+    from histodist.training.checkpoint import load_run_model
 
     model, _, _ = load_run_model(run_dir)
     man = json.loads((run_dir / "manifest.json").read_text())

@@ -8,7 +8,7 @@ from runkit import tiny_run
 from torch import nn
 
 from histodist import explain
-from histodist.gradcam import default_layer, gradcam
+from histodist.inference.gradcam import default_layer, gradcam
 
 SIZE, SQUARE = 32, 6
 
@@ -82,7 +82,7 @@ def test_explain_selects_the_largest_losses():
 def test_heatmaps_of_a_centre_cropped_run_cover_only_the_crop(pcam_jpeg, tmp_path_factory):
     from runkit import make_run
 
-    from histodist import inference
+    from histodist.inference import core as inference
 
     _, shards = tiny_run(pcam_jpeg, tmp_path_factory.getbasetemp())
     run = inference.load_run(make_run(tmp_path_factory.mktemp("cropped") / "run", shards,

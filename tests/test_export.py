@@ -9,7 +9,8 @@ from PIL import Image
 from runkit import tiny_run
 from shardkit import pcam_images
 
-from histodist import export, inference
+from histodist import export
+from histodist.inference import core as inference
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_export_parity_and_preprocessing(fmt, run_dir, pcam_jpeg, capsys):
     assert meta["classes"] == ["0", "1"] and meta["image_size"] == 32 and len(meta["mean"]) == 3
     assert meta["parity_max_abs_diff"] < 1e-4 and "max |logit difference|" in text
     # A batch size other than the traced one, preprocessed from the JSON alone, gives the
-    # probabilities histodist.inference gives.
+    # probabilities histodist.inference.core gives.
     paths = [p for p, _ in pcam_images(pcam_jpeg, "valid", 3)][:5]
     x = _preprocess(paths, meta)
     run = inference.load_run(run_dir)

@@ -49,7 +49,9 @@ def test_remove_stale_deletes_temporaries_of_shards_and_keeps_the_plan(tmp_path)
 
 
 def test_image_extensions_are_shared():
-    from histodist import data, inference, sources
+    from histodist.data import loader as data
+    from histodist.inference import core as inference
+    from histodist.ingest import sources
 
     assert set(fileio.IMAGE_EXTENSIONS) <= set(inference.IMAGE_SUFFIXES)
     assert {e[1:] for e in fileio.IMAGE_EXTENSIONS} <= set(data.IMAGE_EXTS)

@@ -19,7 +19,7 @@ from trainkit import free_port, run, tiny_shards, train_cmd
 from histodist import hub
 from histodist.config import ConfigError, ModelConfig, from_dict
 from histodist.models import adapt, build_model, features
-from histodist.optim import param_groups
+from histodist.training.optim import param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,7 +213,7 @@ def test_two_process_embedding_writes_each_sample_once(tmp_path, pcam_jpeg):
 
 
 def test_embedding_runs_refuse_other_inputs():
-    from histodist.embeddings import EmbeddingError, check_compatible, config_overrides
+    from histodist.data.embeddings import EmbeddingError, check_compatible, config_overrides
 
     emb = {"model": "uni", "weights_sha256": "a", "preprocessing": {"input_size": 224}, "dim": 8}
     run_m, shards_m = {"embedding": emb}, {"embedding": dict(emb)}
@@ -235,7 +235,7 @@ def test_embedding_runs_refuse_other_inputs():
 def test_embedding_vectors_round_trip():
     import numpy as np
 
-    from histodist.embeddings import MEMBER, decode, encode
+    from histodist.data.embeddings import MEMBER, decode, encode
 
     vec = np.random.default_rng(0).standard_normal(37).astype(np.float32)
     raw = {MEMBER: encode(vec), "cls": b"1", "json": b'{"group": "p1"}', "__key__": "k"}
@@ -249,7 +249,7 @@ def test_knn_probe_matches_sklearn():
     import numpy as np
     from sklearn.neighbors import KNeighborsClassifier
 
-    from histodist.knn import TEMPERATURE, knn_probs
+    from histodist.inference.knn import TEMPERATURE, knn_probs
 
     gen = torch.Generator().manual_seed(0)
     tx, ty = torch.randn(200, 16, generator=gen), torch.randint(0, 3, (200,), generator=gen)

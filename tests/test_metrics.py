@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from histodist.metrics import classification_metrics, confusion, gather_varlen, is_better
+from histodist.training.metrics import classification_metrics, confusion, gather_varlen, is_better
 
 
 def _probs(n, c, seed):

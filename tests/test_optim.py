@@ -6,7 +6,7 @@ import pytest
 
 from histodist.config import ModelConfig, OptimConfig
 from histodist.models import build_model, head_parameters
-from histodist.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from histodist.training.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 
 def test_no_weight_decay_on_norms_and_biases_and_backbone_scale():
@@ -69,7 +69,7 @@ def test_scheduler_steps_every_group_from_its_own_peak():
 
 def test_linear_lr_scaling_follows_the_global_batch():
     from histodist.config import OptimConfig
-    from histodist.optim import global_batch, scaled_lr
+    from histodist.training.optim import global_batch, scaled_lr
 
     cfg = OptimConfig(lr=1e-3, batch_size=64, accum_steps=2, lr_scaling="linear")
     assert global_batch(cfg, 4) == 512
@@ -82,7 +82,7 @@ def test_cpu_threads_auto_shares_the_usable_cores_between_local_processes(monkey
 
     import torch
 
-    from histodist.distributed import set_cpu_threads
+    from histodist.training.distributed import set_cpu_threads
 
     before = torch.get_num_threads()
     try:

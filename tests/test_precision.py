@@ -66,8 +66,8 @@ def test_resolve_reads_the_cpu_and_the_launcher(monkeypatch, tmp_path):
 
 
 def test_run_folder_records_the_choice(tmp_path, monkeypatch):
-    from histodist import build
     from histodist.config import Config, load_config, replace
+    from histodist.training import build
 
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: "avx512_bf16")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

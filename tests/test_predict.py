@@ -10,8 +10,9 @@ import torch
 from runkit import tiny_run
 from shardkit import pcam_images
 
-from histodist import inference, predict
+from histodist import predict
 from histodist.augment import dihedral
+from histodist.inference import core as inference
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""histodist.remote against a real HTTP server on 127.0.0.1 and real shell commands."""
+"""histodist.data.remote against a real HTTP server on 127.0.0.1 and real shell commands."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from trainkit import free_port
 
-from histodist import remote
-from histodist.remote import ShardError, join_url, open_url, read_text
+from histodist.data import remote
+from histodist.data.remote import ShardError, join_url, open_url, read_text
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from histodist import report
+from histodist.inference import report
 
 
 def _two(p1):

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from histodist import resume
 from histodist.config import OptimConfig, TrainConfig
-from histodist.loop import State
-from histodist.optim import build_scheduler, lr_at, rebase_scheduler, schedule_length
+from histodist.training import resume
+from histodist.training.loop import State
+from histodist.training.optim import build_scheduler, lr_at, rebase_scheduler, schedule_length
 
 CFG = OptimConfig(lr=0.1, batch_size=8, warmup_epochs=0.5)
 

@@ -268,7 +268,7 @@ def test_bad_split_options(tmp_path, pcam_jpeg, bad, capsys):
 
 
 def test_group_in_two_splits(capsys):
-    from histodist.sources import Item
+    from histodist.ingest.sources import Item
 
     a, b = Item("a", "a.png", 0, "p1"), Item("b", "b.png", 1, "p1")
     with pytest.raises(shard.ShardError, match="'p1' is in both the train and valid"):

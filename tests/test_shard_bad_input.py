@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histodist import imageio, shard
-from histodist.shard_writer import ShardTask, write_shard
-from histodist.sources import FileReader, Item
+from histodist import shard
+from histodist.ingest import imageio
+from histodist.ingest.sources import FileReader, Item
+from histodist.ingest.writer import ShardTask, write_shard
 
 
 def run(*args) -> int:

@@ -69,7 +69,7 @@ def train_lines(run_dir: Path) -> list[dict]:
 
 
 def uninterrupted_steps(shards: Path) -> int:
-    from histodist.data import train_loader
+    from histodist.data.loader import train_loader
 
     n = len(train_loader(str(shards), "train", batch_size=8, rank=0, world_size=2, workers=0))
     return EPOCHS * math.ceil(n / 1)

@@ -8,9 +8,9 @@ import fixtures_layouts as fx
 import numpy as np
 import pytest
 
-from histodist import sources
-from histodist.sources import Item, SourceError, SourceOptions
-from histodist.sources.split import split_items
+from histodist.ingest import sources
+from histodist.ingest.sources import Item, SourceError, SourceOptions
+from histodist.ingest.sources.split import split_items
 
 
 def test_folder_with_split_folders(tmp_path, pcam_jpeg):

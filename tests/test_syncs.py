@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from trainkit import tiny_shards
 
-from histodist import loop, train
+from histodist import train
 from histodist.bench.syncs import SyncCounter
 from histodist.config import Config, replace
+from histodist.training import loop
 
 LOG_EVERY = 3
 

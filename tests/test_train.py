@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
-from histodist.checkpoint import STEP, load_run_model, read_meta, states
 from histodist.config import load_config
+from histodist.training.checkpoint import STEP, load_run_model, read_meta, states
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
 
@@ -240,7 +240,7 @@ def test_patience_stops_after_that_many_validations_without_improvement(
 ):
     """A metric that never improves after the first validation: with --patience 1 the run stops
     at the end of epoch 2 of 3 (step 16), and best stays the first validation's state."""
-    from histodist import loop
+    from histodist.training import loop
 
     monkeypatch.setattr(loop, "is_better", lambda value, best: best is None)
     args = [*run_flags(shards, tmp_path, "es"), "--epochs", "3", "--patience", "1"]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from trainkit import ROOT, env, run, run_flags, tiny_shards, train_cmd
 
 from histodist import train
-from histodist.checkpoint import read_meta, states
 from histodist.errors import EXIT_FAILURE, EXIT_OK
+from histodist.training.checkpoint import read_meta, states
 
 EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
 

@@ -4,7 +4,7 @@
     python -m histodist.bench coverage --shards DIR --world 4 --workers 4 --batch-size 32
 
 Grid mode: for shard layouts x world sizes x loader workers, the figures of the epoch plan
-that every rank's workers follow (histodist.epoch_plan; tests/test_data_epoch.py checks that
+that every rank's workers follow (histodist.data.epoch_plan; tests/test_data_epoch.py checks that
 real workers read exactly what the plan says): distinct fraction, the most reads of a sample,
 samples read / the split (read amplification) and samples skipped ahead / the split (passed
 over before a range's start: a seek in local files, streamed for http / pipe: shards).
@@ -18,8 +18,7 @@ import argparse
 import time
 from collections import Counter
 
-from histodist import epoch_plan
-from histodist.data import steps_per_epoch
+from histodist.data import epoch_plan, steps_per_epoch
 
 # name -> samples per shard
 LAYOUTS: dict[str, list[int]] = {
@@ -61,7 +60,7 @@ def print_grid(batch: int) -> None:
 
 def real_epoch(shards: str, world: int, workers: int, batch: int, split: str) -> None:
     """One epoch of every rank's real train_loader (DataLoader worker processes included)."""
-    from histodist import data
+    from histodist.data import loader as data
 
     n = data.load_manifest(shards)["splits"][split]["num_samples"]
     reads, lengths, t0 = Counter(), [], time.perf_counter()

@@ -177,10 +177,10 @@ def throughput(args, shards: str, runs: str, checks: Checks) -> list[dict]:
 # ----------------------------------------------------------------------------- syncs, memory
 def host_syncs(args, shards: str, runs: str, checks: Checks) -> dict:
     """End-to-end steps (no logging) after one warm-up step: would-be syncs per step."""
-    from histodist import loop
     from histodist.bench import train as bt
     from histodist.bench.syncs import SyncCounter, cuda_sync_warnings
-    from histodist.distributed import step_seed
+    from histodist.training import loop
+    from histodist.training.distributed import step_seed
 
     size = int(args.sizes.split(",")[0])
     p = bt.histodist_parts(parts_args(args, shards, size, False), runs, "syncs")
@@ -319,8 +319,8 @@ def onnx_vs_device(run_dir: Path, device: torch.device) -> dict:
     fp32 (TF32 off), on the export's parity batch of real valid images."""
     import onnxruntime as ort
 
-    from histodist import inference
     from histodist.export import parity_batch
+    from histodist.inference import core as inference
 
     run = inference.load_run(run_dir, "best")
     x = parity_batch(run, 16)

@@ -1,7 +1,7 @@
 """`python -m histodist.bench loader --shards shards/pcam-sample`: input-pipeline throughput.
 
 Prints images/s, in one run, for
-  (a) shards -> uint8 batches (histodist.data.train_loader),
+  (a) shards -> uint8 batches (histodist.data.loader.train_loader),
   (b) (a) + the dataset's augmentation preset on the CPU device, in the main process,
   (b2) (a) + the baseline's augmentation done histodist's way: random flips/rotations
       (dihedral, on the uint8 batch) and normalisation, batched, in the main process,
@@ -57,7 +57,7 @@ FLIPS = [{"op": "dihedral"}]  # the baseline's random flips, as one batched op
 
 def bench_shards(args, augment: str | list | None) -> dict:
     from histodist import augment as A
-    from histodist import data
+    from histodist.data import loader as data
 
     manifest = data.load_manifest(args.shards)
     loader = data.train_loader(args.shards, args.split, batch_size=args.batch_size, rank=0,
@@ -77,7 +77,7 @@ def bench_image_folder(args) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from histodist import data
+    from histodist.data import loader as data
 
     manifest = data.load_manifest(args.shards)
     tf = transforms.Compose([
@@ -94,7 +94,7 @@ def _first_samples(shards: str, split: str, n: int) -> list[dict]:
     """The first n raw samples (member bytes) of the split, in shard order."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    from histodist import data
+    from histodist.data import loader as data
 
     out: list[dict] = []
     for url, _ in data.split_shards(data.load_manifest(shards), split, shards):
@@ -148,7 +148,7 @@ def _write(out: Path, samples: list[dict], per_shard: int) -> int:
 def bench_encodings(args) -> list[dict]:
     """Per encoding: bytes per sample, read+decode images/s in one process (the per-core cost)
     and through train_loader with --workers workers (what training gets)."""
-    from histodist import data
+    from histodist.data import loader as data
 
     samples = _first_samples(args.shards, args.split, args.encoding_samples)
     rows = []
@@ -209,7 +209,7 @@ def bench_jpeg_decoders(args) -> list[dict]:
 def warm_page_cache(args) -> float:
     """Read every shard of the split and every baseline image once, so that neither side of
     the comparison pays for cold disk reads. Returns the seconds it took."""
-    from histodist import data
+    from histodist.data import loader as data
 
     t0 = time.perf_counter()
     manifest = data.load_manifest(args.shards)

@@ -131,8 +131,8 @@ def batches(loader) -> Iterator[dict]:
 def histodist_step(p, source: Iterator[dict], seed: int) -> Step:
     """One step of histodist's loop: next batch, loop.micro_step (device copy, augmentation,
     forward, backward), loop.optimizer_step (clip, step, schedule)."""
-    from histodist import loop
-    from histodist.distributed import step_seed
+    from histodist.training import loop
+    from histodist.training.distributed import step_seed
 
     st, gen = loop.State(), torch.Generator(device=p.accelerator.device)
     p.model.train()
@@ -209,13 +209,13 @@ def baseline_loader(args, mean, std, native: int) -> torch.utils.data.DataLoader
 def baseline_parts(args, cfg, device: torch.device) -> Baseline:
     """(c) with the model, optimizer and schedule histodist builds from the same config (same
     seed, hence the same initial weights) but none of histodist's data or loop code."""
-    from histodist.data import load_manifest
+    from histodist.data.loader import load_manifest
     from histodist.models import build_model
-    from histodist.optim import build_optimizer, build_scheduler
+    from histodist.training.optim import build_optimizer, build_scheduler
 
     manifest = load_manifest(args.shards)
     loader = baseline_loader(args, manifest["mean"], manifest["std"], manifest["image"]["height"])
-    torch.manual_seed(cfg.train.seed)  # as histodist.build.build_parts: identical init
+    torch.manual_seed(cfg.train.seed)  # as histodist.training.build.build_parts: identical init
     model = build_model(cfg.model, num_classes=cfg.data.num_classes, image_size=args.image_size)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -274,7 +274,7 @@ def valid_subset(folder: Path, n: int, seed: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def valid_auc(model: nn.Module, valid, transform, device, bf16: bool, batch: int) -> float:
     """ROC AUC of `model` on the fixed subset (eval mode, then back to train mode)."""
-    from histodist.metrics import classification_metrics
+    from histodist.training.metrics import classification_metrics
 
     x, y = valid
     model.eval()

@@ -16,7 +16,7 @@ import sys
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from histodist import data
+from histodist.data import loader as data
 
 
 def train_epochs(shards: str, rank: int, world: int, workers: int, acc) -> dict:

@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from histodist import build, train
+from histodist import train
 from histodist.config import parse_args
+from histodist.training import build
 
 
 class Recorder:

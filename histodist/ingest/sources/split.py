@@ -13,7 +13,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 
-from histodist.sources import Item
+from histodist.ingest.sources import Item
 
 
 def quota(n: int, fraction: float) -> int:

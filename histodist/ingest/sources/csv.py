@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from histodist.sources import (
+from histodist.ingest.sources import (
     FileReader,
     Item,
     Scan,

@@ -4,7 +4,7 @@
     loader = shard_batches(run, shards, "valid", ...) or file_batches(run, list_inputs([...]))
     preds = collect(iter_predictions(run, loader, device="cuda", tta=8))
 
-Inputs are uint8 batches (`histodist.data.Batch`, plus "ok"/"error" for image files);
+Inputs are uint8 batches (`histodist.data.loader.Batch`, plus "ok"/"error" for image files);
 preprocessing is the run's own: resize/centre-crop to the training input size and the
 normalisation the run trained with (`histodist.augment.eval_transform`), on the device.
 Test-time augmentation averages the softmax over dihedral transforms of each image.
@@ -109,7 +109,7 @@ class Run:
         from histodist.augment import eval_transform
 
         if self.manifest.get("embedding"):  # a head on embedding vectors: no image transform
-            from histodist.embeddings import identity
+            from histodist.data.embeddings import identity
 
             return identity
         return eval_transform(out_size=self.image_size, mean=self.mean, std=self.std,
@@ -126,8 +126,8 @@ class Run:
 
 def load_run(run_dir: str | os.PathLike, which: str = "best") -> Run:
     """Load a run folder's model (``which`` = best | last | a checkpoint folder) on the CPU."""
-    from histodist.checkpoint import load_run_model
     from histodist.models import model_norm
+    from histodist.training.checkpoint import load_run_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -294,8 +294,8 @@ def gather(accelerator, preds: Predictions) -> Predictions:
 def shard_batches(run: Run, shards: str, split: str, *, batch_size: int, rank: int = 0,
                   world_size: int = 1, workers: int = 2) -> Iterable[dict]:  # fmt: skip
     """The run's evaluation loader over ``shards``/``split`` for one rank."""
-    from histodist.data import eval_loader, load_manifest
-    from histodist.embeddings import check_compatible
+    from histodist.data.embeddings import check_compatible
+    from histodist.data.loader import eval_loader, load_manifest
 
     check_compatible(run.manifest, load_manifest(shards), shards)
     img = run.manifest.get("image") or {}
@@ -395,7 +395,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        from histodist.data import decode_sample
+        from histodist.data.loader import decode_sample
 
         it = self.items[i]
         ext = Path(it.path).suffix.lower().lstrip(".")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histodist.loop import Parts, State
-from histodist.optim import rebase_scheduler, schedule_length
+from histodist.training.loop import Parts, State
+from histodist.training.optim import rebase_scheduler, schedule_length
 
 
 @dataclass(frozen=True)

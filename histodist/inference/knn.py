@@ -16,7 +16,7 @@ TEMPERATURE = 0.07
 
 def load_vectors(shards: str, split: str, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
     """(vectors float32 (N, D), labels int64 (N,)) of an embedding split, in shard order."""
-    from histodist.data import eval_loader
+    from histodist.data.loader import eval_loader
 
     xs, ys = [], []
     loader = eval_loader(shards, split, batch_size=batch_size, rank=0, world_size=1, workers=0)
@@ -47,7 +47,7 @@ def knn_probs(
 def knn_report(run, shards: str, split: str, k: int, *, n_boot: int, seed: int) -> dict:
     """The evaluation report of the k-NN probe: the run's training split as the reference,
     `shards`/`split` evaluated (labelled samples only)."""
-    from histodist.report import classification_report
+    from histodist.inference.report import classification_report
 
     tx, ty = load_vectors(run.cfg.data.shards, run.cfg.data.train_split)
     x, y = load_vectors(shards, split)

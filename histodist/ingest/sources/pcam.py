@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from histodist.fileio import atomic_path
-from histodist.sources import (
+from histodist.ingest.sources import (
     Item,
     Payload,
     Reader,

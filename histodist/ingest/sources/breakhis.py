@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions
 
 BINARY = ["benign", "malignant"]
 SUBTYPES = {  # code -> name, benign first (as in the BreaKHis paper)

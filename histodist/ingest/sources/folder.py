@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histodist.sources import (
+from histodist.ingest.sources import (
     FileReader,
     Item,
     Scan,

@@ -15,15 +15,22 @@ import torch
 from torch import nn
 
 from histodist import augment as aug
-from histodist import data, embeddings, hub
-from histodist.checkpoint import STEP
+from histodist import hub
 from histodist.config import Config, ConfigError, replace, save_config
+from histodist.data import embeddings
+from histodist.data import loader as data
 from histodist.errors import UsageError
 from histodist.fileio import atomic_write
-from histodist.loop import Parts, State
 from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
-from histodist.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
-from histodist.tracking import RunLog, resolve_wandb_mode, wandb_available, wandb_init_kwargs
+from histodist.training.checkpoint import STEP
+from histodist.training.loop import Parts, State
+from histodist.training.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
+from histodist.training.tracking import (
+    RunLog,
+    resolve_wandb_mode,
+    wandb_available,
+    wandb_init_kwargs,
+)
 
 
 class TrainError(UsageError, RuntimeError):
@@ -107,7 +114,7 @@ def prepare_run_dir(acc, cfg: Config, manifest: dict, note: str | None = None) -
     and manifest.json now; a run that holds a checkpoint needs --resume, and its saved config
     is checked against this one (the files are rewritten only once its state has loaded, by
     resume_state). The main process looks at the folder and broadcasts what it found."""
-    from histodist.checkpoint import broadcast, has_checkpoint, resume_conflicts
+    from histodist.training.checkpoint import broadcast, has_checkpoint, resume_conflicts
 
     run_dir = run_dir_for(cfg)
     held, conflicts = False, []
@@ -273,8 +280,8 @@ def resume_state(p: Parts) -> State:
     trained on); a fresh State when there is none or without --resume."""
     if not p.cfg.train.resume:
         return State()
-    from histodist import resume as relayout
-    from histodist.checkpoint import resume
+    from histodist.training import resume as relayout
+    from histodist.training.checkpoint import resume
 
     root = p.run_dir / "checkpoints"
     peaks = relayout.peak_lrs(p)  # before loading, which restores the saved run's lrs

@@ -2,7 +2,7 @@
 
 The pipeline is a list of small webdataset-style stages run inside each DataLoader worker:
 
-    training: the epoch's plan (histodist.epoch_plan: sample ranges of shards per rank and
+    training: the epoch's plan (histodist.data.epoch_plan: sample ranges of shards per rank and
     worker) | resampled shards -> open + untar from the range's start -> group members by key
     -> shuffle buffer -> decode to uint8 (3,H,W) -> batch
     evaluation: shard URLs -> split by rank -> split by worker -> open + untar -> ... -> batch
@@ -36,11 +36,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from histodist import embeddings, epoch_plan
+from histodist.data import embeddings, epoch_plan
+from histodist.data.remote import ShardError, join_url, open_url, read_text
+from histodist.data.tarstream import DigestReader, iter_tar
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
-from histodist.remote import ShardError, join_url, open_url, read_text
-from histodist.tarstream import DigestReader, iter_tar
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
 
@@ -402,7 +402,7 @@ class RankStream(IterableDataset):
     """The per-rank pipeline; each DataLoader worker runs `__iter__` on its own copy.
 
     Training (`steps` set), default: the worker reads its pieces of the epoch's plan
-    (histodist.epoch_plan, computed alike on every rank from `sizes`, seed and epoch), through
+    (histodist.data.epoch_plan, computed alike on every rank from `sizes`, seed and epoch), through
     a shuffle buffer filled to its full size before the first sample; over all ranks and
     workers every sample is read once except the drop-last remainder, and the rank yields
     exactly `steps` batches. Samples lost to decode errors or skipped bad shards are made up
@@ -600,7 +600,7 @@ class ShardLoader:
             ) from exn
         if self._errors or self._bad:
             log.warning(
-                "histodist.data: epoch %d: %d samples failed to decode and were skipped, "
+                "histodist.data.loader: epoch %d: %d samples failed to decode and were skipped, "
                 "%d bad shards skipped", self.dataset.epoch.value, self._errors, len(self._bad),
             )  # fmt: skip
 
@@ -654,7 +654,7 @@ def train_loader(shards: str, split: str = "train", **options) -> ShardLoader:
     """Training loader: exactly steps_per_epoch(split samples, world, batch) batches per rank;
     `options`: the LoaderOptions fields (batch_size, rank and world_size required).
 
-    resample=False (default): the epoch's plan (histodist.epoch_plan) gives each rank and
+    resample=False (default): the epoch's plan (histodist.data.epoch_plan) gives each rank and
     worker sample ranges of the shards, from the manifest's per-shard counts: whatever the
     numbers of shards, ranks and workers, an epoch reads every sample once except the
     drop-last remainder (fewer than world x batch samples), and the same (seed, epoch, world,

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histodist import checkpoint as ckpt
-from histodist.distributed import NonFinite, Preemption, agree, step_seed
-from histodist.inference import tta_probs
-from histodist.metrics import classification_metrics, confusion, gather_varlen, is_better
-from histodist.tracking import RunLog
+from histodist.inference.core import tta_probs
+from histodist.training import checkpoint as ckpt
+from histodist.training.distributed import NonFinite, Preemption, agree, step_seed
+from histodist.training.metrics import classification_metrics, confusion, gather_varlen, is_better
+from histodist.training.tracking import RunLog
 
 
 @dataclass
@@ -189,7 +189,7 @@ def masked_step(optimizer, skip: torch.Tensor) -> None:
     """optimizer.step() unless the bool scalar `skip` (on the device) is True, without reading
     it on the host: torch's fused AdamW / SGD take a `found_inf` tensor (set as an attribute,
     the way torch.amp.GradScaler passes it) and leave parameters and state untouched when it
-    is non-zero (histodist.optim builds them fused). Another optimizer reads the flag (one
+    is non-zero (histodist.training.optim builds them fused). Another optimizer reads the flag (one
     host sync) and steps only when it is False."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     if any(g.get("fused") for g in inner.param_groups):
@@ -363,7 +363,7 @@ def log_curves(p: Parts, probs: torch.Tensor, labels: torch.Tensor, step: int) -
     --log-images); matplotlib rather than wandb.plot, which needs pandas."""
     if not (p.accelerator.is_main_process and p.cfg.log.log_images and len(labels)):
         return
-    from histodist.report import plot_confusion, plot_roc
+    from histodist.inference.report import plot_confusion, plot_roc
 
     names = [str(c) for c in p.meta["classes"]]
     plots = p.run_dir / "plots"

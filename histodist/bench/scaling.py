@@ -1,6 +1,6 @@
 """What to expect from 1 to 512 GPUs: a small model of DDP training time, from cited inputs.
 
-`python -m histodist.scaling` prints the tables of docs/scaling.md (ResNet-50 on PCam at 96 and
+`python -m histodist.bench.scaling` prints the tables of docs/scaling.md (ResNet-50 on PCam at 96 and
 224 px). Every input is a flag, so the tables can be redone for another GPU, network or dataset.
 
 Model, per optimizer step of one GPU (all times in ms):
@@ -165,7 +165,7 @@ def _duration(seconds: float) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m histodist.scaling",
+        prog="python -m histodist.bench.scaling",
         description="Print the expected step time, communication and data rates of DDP "
         "training at several GPU counts (docs/scaling.md explains the model).",
     )
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset=a.dataset, bytes_per_sample=a.bytes_per_sample,
     )  # fmt: skip
     if s.overhead_ms >= 256 / gpu.images_per_s_224 * 1e3:
-        print("histodist.scaling: error: --overhead-ms exceeds a whole step", file=sys.stderr)
+        print("histodist.bench.scaling: error: --overhead-ms exceeds a whole step", file=sys.stderr)
         return 2
     print(f"ResNet-50 ({s.params / 1e6:.1f}M parameters, {s.grad_bytes}-byte gradients) on "
           f"{gpu.name}: {gpu.images_per_s_224:g} images/s at 224 px ({gpu.source}); "

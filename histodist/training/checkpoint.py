@@ -154,7 +154,7 @@ def broadcast(accelerator, obj: Any) -> Any:
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
-    from histodist.distributed import agree
+    from histodist.training.distributed import agree
 
     return bool(agree(accelerator, flag)[0])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions
 
 CLASSES = ["0", "1"]  # 1: invasive ductal carcinoma
 NAME = re.compile(r"(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])\.png")

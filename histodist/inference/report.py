@@ -382,7 +382,7 @@ def log_wandb(
     """Log a flat view of ``metrics`` and PNGs to a new W&B run (main process only; wandb is
     imported here so it is never needed when disabled). Files go under WANDB_DIR when set,
     else beside the training run's in ``run_dir``."""
-    from histodist.tracking import resolve_wandb_mode
+    from histodist.training.tracking import resolve_wandb_mode
 
     mode, note = resolve_wandb_mode(mode)
     if note:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions
 
 CLASSES = ["0", "1"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from histodist.sources import FileReader, Item, Scan, SourceError, SourceOptions, image_files
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions, image_files
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 METADATA = "HAM10000_metadata.csv"

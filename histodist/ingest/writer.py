@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histodist import imageio
 from histodist.fileio import atomic_path, atomic_write, file_digest
-from histodist.sources import Item, Reader
+from histodist.ingest import imageio
+from histodist.ingest.sources import Item, Reader
 
 INFO_DIR = ".shardinfo"
 WRITER_VERSION = 2  # bump when the bytes written for the same plan change: forces rewrites

@@ -125,7 +125,7 @@ def scan(layout: str, src: str | Path, opts: SourceOptions | None = None) -> Sca
     src = Path(src)
     if not src.exists():
         raise SourceError(f"{src}: no such file or folder")
-    module = importlib.import_module(f"histodist.sources.{LAYOUTS[layout]}")
+    module = importlib.import_module(f"histodist.ingest.sources.{LAYOUTS[layout]}")
     found: Scan = module.scan(src, opts or SourceOptions())
     items = [it for its in found.official.values() for it in its] + found.pool
     if not items:
