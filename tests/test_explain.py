@@ -24,6 +24,18 @@ def planted(n: int, gen: torch.Generator):
     return x, y, pos
 
 
+def fit_planted(net: nn.Module, gen: torch.Generator, *, steps: int, lr: float) -> None:
+    """Train `net` with Adam on batches of 32 planted-square images, then set it to eval."""
+    opt = torch.optim.Adam(net.parameters(), lr)
+    for _ in range(steps):
+        x, y, _ = planted(32, gen)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
 def test_gradcam_peaks_on_the_planted_square():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -32,14 +44,7 @@ def test_gradcam_peaks_on_the_planted_square():
         nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
     )  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(60):
-        x, y, _ = planted(32, gen)
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    fit_planted(net, gen, steps=60, lr=3e-3)
     x, y, pos = planted(64, gen)
     assert (net(x).argmax(1) == y).float().mean() > 0.8  # it learned the square
     assert default_layer(net, x) is net[6]  # the last feature map (16 x 16)
@@ -111,14 +116,7 @@ def test_gradcam_on_a_vit_peaks_near_the_planted_square():
     gen = torch.Generator().manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=4, embed_dim=32,
                             depth=2, num_heads=2, reg_tokens=2, num_classes=2)  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(150):
-        x, y, _ = planted(32, gen)
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    fit_planted(net, gen, steps=150, lr=1e-3)
     x, y, pos = planted(64, gen)
     assert (net(x).argmax(1) == y).float().mean() > 0.8
     assert default_layer(net, x) is net.blocks[-1].norm1
