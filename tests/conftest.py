@@ -25,6 +25,21 @@ def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: the first Accelerator of a test process fixes
+    its mixed precision for every later one. Reset it after each test that made one, so that
+    an in-process run at bf16 can follow one at fp32 in any order."""
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def pcam_jpeg() -> Path:
     if not PCAM_JPEG.is_dir():
