@@ -20,6 +20,7 @@ from histodist.errors import run_cli
 from histodist.inference import core as inference
 from histodist.inference import report
 from histodist.inference.gradcam import gradcam
+from histodist.metrics import predicted_class
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,8 @@ def heatmaps(run: inference.Run, picked: dict, target: str, device) -> torch.Ten
     from histodist.augment import centre_crop
 
     x = run.transform()(picked["image"].to(device))
-    cls = picked["label"].to(device) if target == "true" else picked["probs"].argmax(1).to(device)
+    cls = picked["label"] if target == "true" else predicted_class(picked["probs"])
+    cls = cls.to(device)
     cam, _ = gradcam(run.model.to(device).eval(), x, cls.clamp_min(0))
     full = torch.zeros(cam.shape[0], *picked["image"].shape[-2:], device=cam.device)
     seen = centre_crop(full, run.crop)  # a view: the crop's place in the full image

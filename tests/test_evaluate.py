@@ -147,7 +147,7 @@ def test_multiclass_csv_input_with_lesion_groups(pcam_jpeg, tmp_path):
     assert [c["support"] for c in m["patch"]["per_class"].values()] == [4, 4, 4]
     assert np.array(m["patch"]["confusion"]).shape == (3, 3)
     assert np.array(m["patch"]["confusion"]).sum() == 12
-    assert m["group_mean"]["num_groups"] == 6 and "macro_f1" in m["group_max"]
+    assert m["group_mean"]["num_groups"] == 6 and "weighted_f1" in m["group_max"]
     rows = _read_csv(run_dir / "eval-input-meta" / "predictions.csv")
     group = {r["key"]: r["group"] for r in rows}
     assert [group[f"img{i}"] for i in (0, 1, 2, 11)] == ["lesion0", "lesion0", "lesion1", "lesion5"]

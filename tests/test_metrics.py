@@ -1,4 +1,5 @@
-"""Validation metrics agree with scikit-learn; gathering; best-model rule."""
+"""histodist.metrics agrees with scikit-learn under its stated definitions; gathering; the
+best-model rule."""
 
 import math
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from histodist.training.metrics import classification_metrics, confusion, gather_varlen, is_better
+from histodist import metrics
+from histodist.training.distributed import gather_varlen
 
 
 def _probs(n, c, seed):
@@ -17,38 +19,75 @@ def _probs(n, c, seed):
     return logits.softmax(1), labels
 
 
-def test_binary_metrics_match_sklearn():
+def test_binary_summary_matches_sklearn_at_threshold_half():
     probs, labels = _probs(500, 2, 0)
-    m = classification_metrics(probs, labels)
+    m = metrics.summary(probs, labels)
     y, p = labels.numpy(), probs.numpy()
-    pred = p.argmax(1)
+    pred = (p[:, 1] >= 0.5).astype(int)
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]), abs=1e-6)
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
     assert m["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
-    assert confusion(probs, labels).tolist() == skm.confusion_matrix(y, pred).tolist()
+    assert metrics.confusion(probs, labels).tolist() == skm.confusion_matrix(y, pred).tolist()
 
 
-def test_multiclass_metrics_match_sklearn():
+def test_binary_tie_at_half_is_predicted_positive():
+    probs = torch.tensor([[0.5, 0.5], [0.6, 0.4], [0.3, 0.7]])
+    assert metrics.predicted_class(probs).tolist() == [1, 0, 1]
+    assert metrics.predicted_class(probs.numpy()).tolist() == [1, 0, 1]
+
+
+def test_multiclass_summary_matches_sklearn():
     probs, labels = _probs(700, 7, 1)
-    m = classification_metrics(probs, labels)
+    m = metrics.summary(probs, labels)
     y, p = labels.numpy(), probs.numpy()
     pred = p.argmax(1)
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"), abs=1e-5)
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
     assert "sensitivity" not in m
-    assert np.array_equal(confusion(probs, labels).numpy(), skm.confusion_matrix(y, pred))
+    assert np.array_equal(metrics.confusion(probs, labels).numpy(), skm.confusion_matrix(y, pred))
+
+
+def test_multiclass_averages_run_over_the_classes_present():
+    """A validation split without class 6, which the model still predicts sometimes: the
+    averages are those over classes 0-5, and class 6's mistakes cost through their recall."""
+    probs, labels = _probs(700, 7, 2)
+    keep = labels != 6
+    probs, labels = probs[keep], labels[keep]
+    y, p = labels.numpy(), probs.numpy()
+    pred = p.argmax(1)
+    assert (pred == 6).any()
+    present = list(range(6))
+    m = metrics.summary(probs, labels)
+    with pytest.warns(UserWarning):  # sklearn: y_pred contains classes not in y_true
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred, labels=present, average="macro"))
+    ovr = [skm.roc_auc_score(y == k, p[:, k]) for k in present]
+    assert m["auc"] == pytest.approx(np.mean(ovr), abs=1e-5)
+    c = metrics.per_class(probs, labels)
+    assert math.isnan(c["recall"][6]) and math.isnan(c["f1"][6])
+    assert c["precision"][6] == 0 and c["support"][6] == 0
 
 
 def test_single_class_auc_is_nan_and_nan_never_best():
     probs, _ = _probs(10, 2, 2)
-    m = classification_metrics(probs, torch.ones(10, dtype=torch.long))
-    assert math.isnan(m["auc"])
-    assert not is_better(math.nan, None) and not is_better(math.inf, 0.5)
-    assert is_better(0.6, None) and is_better(0.6, 0.5) and not is_better(0.5, 0.5)
+    m = metrics.summary(probs, torch.ones(10, dtype=torch.long))
+    assert math.isnan(m["auc"]) and math.isnan(m["specificity"])
+    assert metrics.summary(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) == {}
+    assert not metrics.is_better(math.nan, None) and not metrics.is_better(math.inf, 0.5)
+    assert metrics.is_better(0.6, None) and metrics.is_better(0.6, 0.5)
+    assert not metrics.is_better(0.5, 0.5)
+
+
+def test_numpy_and_torch_inputs_give_the_same_numbers():
+    probs, labels = _probs(300, 3, 4)
+    a = metrics.summary(probs, labels)
+    b = metrics.summary(probs.double().numpy(), labels.numpy())
+    assert a == pytest.approx(b, abs=1e-6)
 
 
 def test_gather_varlen_single_process_is_identity():

@@ -86,9 +86,9 @@ def test_multiclass_known_confusion():
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["per_class"]["b"] == {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
     assert m["per_class"]["a"]["f1"] == pytest.approx(0.5)
-    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
-    assert 0 < m["auc_ovr_macro"] <= 1
+    assert 0 < m["auc"] <= 1
     # NLL by definition: mean of -log p(true class).
     assert m["nll"] == pytest.approx(-np.log(probs[np.arange(6), labels]).mean())
 

@@ -67,6 +67,23 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+def test_validation_and_evaluate_report_the_same_numbers(run_a, tmp_path):
+    """Training's last validation and histodist.evaluate of the state it saved score the same
+    predictions with the same functions (histodist.metrics), so every shared figure agrees."""
+    from histodist import evaluate
+
+    run_dir = run_a[0]
+    val = [x for x in _lines(run_dir) if "val/auc" in x][-1]
+    out = tmp_path / "eval"
+    assert evaluate.main(["--run", str(run_dir), "--checkpoint", "last", "--split", "valid",
+                          "--batch-size", "8", "--workers", "0", "--bootstrap", "0",
+                          "--no-progress", "--wandb", "disabled", "--out", str(out)]) == 0  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())["patch"]
+    assert m["n"] == val["val/num_samples"] == 40
+    for k in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity"):
+        assert m[k] == pytest.approx(val[f"val/{k}"], abs=1e-6), k
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted(run_a, shards, tmp_path):
     run_dir_a = run_a[0]

@@ -274,7 +274,7 @@ def valid_subset(folder: Path, n: int, seed: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def valid_auc(model: nn.Module, valid, transform, device, bf16: bool, batch: int) -> float:
     """ROC AUC of `model` on the fixed subset (eval mode, then back to train mode)."""
-    from histodist.training.metrics import classification_metrics
+    from histodist.metrics import auc
 
     x, y = valid
     model.eval()
@@ -284,7 +284,7 @@ def valid_auc(model: nn.Module, valid, transform, device, bf16: bool, batch: int
         with autocast(device, bf16):
             probs.append(model(xb).float().softmax(1))
     model.train()
-    return round(classification_metrics(torch.cat(probs), y)["auc"], 4)
+    return round(auc(torch.cat(probs), y), 4)
 
 
 class Race:

@@ -676,7 +676,7 @@ def eval_loader(shards: str, split: str, **options) -> ShardLoader:
     `options`: the LoaderOptions fields (batch_size, rank and world_size required).
 
     `len()` counts the batches this rank yields (workers flush their own partial batches);
-    ranks may differ, so gather with padding (metrics.gather_varlen).
+    ranks may differ, so gather with padding (histodist.training.distributed.gather_varlen).
     """
     o = LoaderOptions(**options)
     manifest = load_manifest(shards)

@@ -26,6 +26,7 @@ import torch
 from histodist.config import WANDB_MODES
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
+from histodist.metrics import predicted_class
 
 IMAGE_SUFFIXES = (*IMAGE_EXTENSIONS, ".npy")  # image files, and uint8 arrays saved by np.save
 # Dihedral indices (histodist.augment.dihedral: k % 4 quarter turns, k >= 4 adds a flip) used
@@ -468,6 +469,7 @@ def _fmt(p: float) -> str:
 def write_predictions(path: str | os.PathLike, preds: Predictions, classes: Sequence[str]) -> Path:
     """CSV: key, label (class name or empty), prob_<class>..., pred, group[, path][, error]."""
     with_path = any(preds.paths)
+    predicted = predicted_class(np.nan_to_num(preds.probs)).tolist() if len(preds.keys) else []
 
     def write(f):
         w = csv.writer(f)
@@ -475,7 +477,7 @@ def write_predictions(path: str | os.PathLike, preds: Predictions, classes: Sequ
                    + (["path", "error"] if with_path else []))  # fmt: skip
         for i, key in enumerate(preds.keys):
             p, y = preds.probs[i], int(preds.labels[i])
-            pred = "" if np.isnan(p).any() else classes[int(p.argmax())]
+            pred = "" if np.isnan(p).any() else classes[predicted[i]]
             row = [key, classes[y] if y >= 0 else "", *map(_fmt, p), pred, preds.groups[i] or ""]
             if with_path:
                 row += [preds.paths[i] or "", preds.errors.get(key, "")]

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodist.metrics import predicted_class
+
 
 def _vit(model: nn.Module) -> nn.Module | None:
     """The timm ViT inside `model` (itself, or the backbone of hub.ClsMeanPool), else None."""
@@ -77,7 +79,7 @@ def gradcam(
         with torch.enable_grad():
             logits = model(x.detach().requires_grad_(True))
             if target is None:
-                target = logits.argmax(1)
+                target = predicted_class(logits.detach().float().softmax(1))
             logits.gather(1, target.view(-1, 1)).sum().backward()
     finally:
         handle.remove()

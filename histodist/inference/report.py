@@ -1,9 +1,12 @@
-"""Evaluation metrics and figures over gathered predictions (numpy in, plain Python out).
+"""Evaluation reports and figures over gathered predictions (numpy in, plain Python out).
 
 Everything here is a pure function of ``probs`` (float (N, C), rows sum to 1) and ``labels``
 (int (N,)) held on the CPU as numpy arrays; the CLIs gather them across ranks first. The
-numbers come from scikit-learn and torchmetrics; this module only chooses, combines and plots.
-Figures use matplotlib's Agg backend so nothing needs a display.
+headline numbers (accuracy, balanced accuracy, AUC, F1, sensitivity, specificity, per-class
+precision/recall/F1) are histodist.metrics', the definitions training's validation uses; this
+module adds what a report needs besides: the bootstrap interval of the AUC, Youden's
+threshold, NLL, calibration, group-level aggregation, and the figures. Figures use
+matplotlib's Agg backend so nothing needs a display.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histodist import metrics as M
 from histodist.fileio import atomic_path
 
 ECE_BINS = 15  # the usual choice since Guo et al. 2017; enough bins for ~1k samples
@@ -48,17 +52,16 @@ def bootstrap_auc_ci(
     Resamples cases with replacement from a seeded generator, so the interval is reproducible;
     resamples holding a single class are skipped. Returns (nan, nan) when none is usable.
     """
-    from sklearn.metrics import roc_auc_score
-
     rng = np.random.default_rng(seed)
     n = len(labels)
+    probs = np.stack([1 - p_pos, p_pos], 1)
     aucs = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         y = labels[idx]
         if y.min() == y.max():
             continue
-        aucs.append(roc_auc_score(y, p_pos[idx]))
+        aucs.append(M.auc(probs[idx], y))
     if not aucs:
         return math.nan, math.nan
     lo, hi = np.percentile(aucs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
@@ -108,7 +111,7 @@ def reliability_bins(
 
 
 def _at_threshold(p_pos: np.ndarray, labels: np.ndarray, t: float) -> dict[str, float]:
-    """Sensitivity and specificity of ``p_pos >= t``."""
+    """Sensitivity and specificity of ``p_pos >= t`` (NaN for a class absent from labels)."""
     pred = p_pos >= t
     pos, neg = labels == 1, labels == 0
     sens = float(pred[pos].mean()) if pos.any() else math.nan
@@ -124,24 +127,20 @@ def binary_metrics(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """Binary report: accuracy, AUC [95% CI], balanced accuracy, F1, NLL, ECE, sens/spec.
+    """Binary report: histodist.metrics.summary (accuracy, AUC, balanced accuracy, F1,
+    sensitivity and specificity at 0.5) with the AUC's 95% CI, NLL, ECE, sens/spec at 0.5 and
+    at Youden's threshold, and the confusion matrix.
 
     ``youden``: threshold chosen on the validation split; computed on this set when None.
     """
-    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
-
     p_pos = probs[:, 1]
-    pred = (p_pos >= 0.5).astype(int)
     two = len(np.unique(labels)) == 2
     lo, hi = bootstrap_auc_ci(p_pos, labels, n_boot=n_boot, seed=seed) if two else (math.nan,) * 2
     t = youden_threshold(p_pos, labels) if youden is None else youden
     return {
         "n": int(len(labels)),
-        "accuracy": float((pred == labels).mean()),
-        "auc": float(roc_auc_score(labels, p_pos)) if two else math.nan,
+        **M.summary(probs, labels),
         "auc_ci95": [lo, hi],
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-        "f1": float(f1_score(labels, pred, zero_division=0)),
         "nll": nll(probs, labels),
         "ece": calibration_error(probs, labels),
         "at_0.5": _at_threshold(p_pos, labels, 0.5),
@@ -149,51 +148,29 @@ def binary_metrics(
             **_at_threshold(p_pos, labels, t),
             "chosen_on": "self" if youden is None else "given",
         },
-        "confusion": _confusion(labels, pred, 2),
+        "confusion": M.confusion(probs, labels).tolist(),
     }
 
 
-def _confusion(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> list[list[int]]:
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(labels, pred, labels=list(range(n_classes))).tolist()
-
-
 def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
-    """Multi-class report: per-class P/R/F1, macro and weighted F1, balanced accuracy,
-    one-vs-rest macro AUC (over the classes present in ``labels``), NLL, ECE, confusion matrix."""
-    from sklearn.metrics import (
-        balanced_accuracy_score,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
-    c = len(classes)
-    pred = probs.argmax(1)
-    p, r, f, s = precision_recall_fscore_support(
-        labels, pred, labels=list(range(c)), zero_division=0
-    )
-    present = [k for k in range(c) if (labels == k).any() and not (labels == k).all()]
-    aucs = [roc_auc_score(labels == k, probs[:, k]) for k in present]
+    """Multi-class report: histodist.metrics.summary (accuracy, balanced accuracy, AUC and F1
+    averaged over the classes present, weighted F1), per-class P/R/F1, NLL, ECE, confusion."""
+    c = M.per_class(probs, labels)
     return {
         "n": int(len(labels)),
-        "accuracy": float((pred == labels).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-        "macro_f1": float(np.mean(f)),
-        "weighted_f1": float(np.average(f, weights=s)) if s.sum() else math.nan,
-        "auc_ovr_macro": float(np.mean(aucs)) if aucs else math.nan,
+        **M.summary(probs, labels),
         "nll": nll(probs, labels),
         "ece": calibration_error(probs, labels),
         "per_class": {
             name: {
-                "precision": float(p[k]),
-                "recall": float(r[k]),
-                "f1": float(f[k]),
-                "support": int(s[k]),
+                "precision": float(c["precision"][k]),
+                "recall": float(c["recall"][k]),
+                "f1": float(c["f1"][k]),
+                "support": int(c["support"][k]),
             }
             for k, name in enumerate(classes)
         },
-        "confusion": _confusion(labels, pred, c),
+        "confusion": M.confusion(probs, labels).tolist(),
     }
 
 
@@ -252,9 +229,7 @@ def format_table(metrics: dict, title: str = "") -> str:
         "balanced_accuracy",
         "auc",
         "f1",
-        "macro_f1",
         "weighted_f1",
-        "auc_ovr_macro",
         "nll",
         "ece",
     ]
@@ -300,7 +275,7 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], path) -> Path:
     """ROC curve (binary) or one-vs-rest curves per class (multi-class)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     plt = figure()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -310,7 +285,7 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], path
         if y.all() or not y.any():
             continue
         fpr, tpr, _ = roc_curve(y, probs[:, k])
-        ax.plot(fpr, tpr, label=f"{classes[k]} (AUC {roc_auc_score(y, probs[:, k]):.3f})")
+        ax.plot(fpr, tpr, label=f"{classes[k]} (AUC {M.roc_auc(probs[:, k], y):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right", fontsize=8)

@@ -4,8 +4,7 @@ build.py        a run from a Config: Accelerator, run folder, loaders, model, op
 loop.py         one epoch, one optimizer step, evaluation, checkpoints
 optim.py        parameter groups, optimizers and per-step learning-rate schedules
 checkpoint.py   full training states published atomically, resume and model loading
-distributed.py  preemption signals, cross-rank flags, per-step seeds, determinism
+distributed.py  preemption signals, cross-rank flags and gathers, per-step seeds, determinism
 tracking.py     metrics.jsonl, stdout summaries and W&B
-metrics.py      validation metrics over the gathered evaluation set
 resume.py       resume at a new layout (world size, per-process batch, accumulation steps)
 """

@@ -1,4 +1,5 @@
-"""Process-level helpers: preemption signals, cross-rank flags, per-step seeds, determinism."""
+"""Process-level helpers: preemption signals, cross-rank flags and gathers, per-step seeds,
+determinism."""
 
 from __future__ import annotations
 
@@ -64,6 +65,19 @@ def agree(accelerator, *flags: float) -> list[float]:
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="max")
     return t.tolist()
+
+
+def gather_varlen(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """All-gather tensors whose first dimension differs per rank; returns the concatenation over
+    ranks in rank order (on every rank), without padding rows. Same dtype/device as `t`."""
+    if accelerator.num_processes == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = accelerator.gather(n).tolist()
+    padded = accelerator.pad_across_processes(t.contiguous(), dim=0)
+    gathered = accelerator.gather(padded)
+    width = padded.shape[0]
+    return torch.cat([gathered[r * width : r * width + s] for r, s in enumerate(sizes)])
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histodist import metrics
 from histodist.inference.core import tta_probs
 from histodist.training import checkpoint as ckpt
-from histodist.training.distributed import NonFinite, Preemption, agree, step_seed
-from histodist.training.metrics import classification_metrics, confusion, gather_varlen, is_better
+from histodist.training.distributed import NonFinite, Preemption, agree, gather_varlen, step_seed
 from histodist.training.tracking import RunLog
 
 
@@ -302,7 +302,7 @@ def evaluate(p: Parts) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     logits, labels = logits[keep], labels[keep]
     loss = F.cross_entropy(logits, labels).item() if len(labels) else math.nan
     probs = logits.softmax(1)
-    m = classification_metrics(probs, labels) if len(labels) else {}
+    m = metrics.summary(probs, labels)
     m.update(loss=loss, neg_loss=-loss, num_samples=len(labels))
     return m, probs, labels
 
@@ -314,7 +314,7 @@ def validate(p: Parts, st: State) -> dict[str, float]:
     if p.valid_size and m["num_samples"] != p.valid_size:
         p.log.print(f"warning: validated {m['num_samples']} samples, manifest lists {p.valid_size}")
     value = m.get(p.cfg.train.metric, math.nan)
-    improved = is_better(value, st.best)
+    improved = metrics.is_better(value, st.best)
     if improved:
         st.best, st.best_step, st.stale = value, st.step, 0
     else:
@@ -369,7 +369,7 @@ def log_curves(p: Parts, probs: torch.Tensor, labels: torch.Tensor, step: int) -
     plots = p.run_dir / "plots"
     plots.mkdir(exist_ok=True)
     roc = plot_roc(probs.cpu().float().numpy(), labels.cpu().numpy(), names, plots / "roc.png")
-    cm = plot_confusion(confusion(probs, labels).tolist(), names, plots / "confusion.png")
+    cm = plot_confusion(metrics.confusion(probs, labels).tolist(), names, plots / "confusion.png")
     run = p.log.wandb_run()
     if run is not None:
         import wandb
