@@ -30,7 +30,7 @@ def make_run(
 
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints" / "best" / "meta.json").is_file():
-        return run_dir  # shared by the test modules of one session
+        return run_dir  # shared by the test modules of one pytest run
     cfg = from_dict({
         "data": {"shards": str(shards), "image_size": IMAGE_SIZE, "workers": 0},
         "augment": {"crop": crop},
@@ -65,7 +65,7 @@ def make_run(
 
 
 def tiny_run(pcam_jpeg: Path, base: Path) -> tuple[Path, Path]:
-    """(run folder, shards) shared by the test modules of a session: real PCam patches in
+    """(run folder, shards) shared by the test modules of one pytest run: real PCam patches in
     shards of 7 (train 24 + 24, valid 10 + 10, test 8 + 8 taken from pcam-jpeg's train)."""
     from shardkit import pcam_images, write_shards
 
