@@ -257,9 +257,9 @@ def test_patience_stops_after_that_many_validations_without_improvement(
 ):
     """A metric that never improves after the first validation: with --patience 1 the run stops
     at the end of epoch 2 of 3 (step 16), and best stays the first validation's state."""
-    from histodist.training import loop
+    from histodist import metrics
 
-    monkeypatch.setattr(loop, "is_better", lambda value, best: best is None)
+    monkeypatch.setattr(metrics, "is_better", lambda value, best: best is None)
     args = [*run_flags(shards, tmp_path, "es"), "--epochs", "3", "--patience", "1"]
     assert train.main(args) == 0
     ckpts = tmp_path / "es" / "checkpoints"
