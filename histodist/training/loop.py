@@ -1,4 +1,5 @@
-"""The training loop: one epoch, one optimizer step, evaluation, checkpoints. Built by train.py.
+"""The training loop: one epoch, one optimizer step, evaluation, checkpoints. Built by train.py;
+lr_find.py runs its micro-step and optimizer step.
 
 Every function here is collective: all ranks call it in the same order (DDP, all-reduces and
 checkpoints need every rank); only logging and file writes are main-process-only.
@@ -48,7 +49,7 @@ class State:
 
 @dataclass
 class Parts:
-    """Everything the loop needs, built once by train.setup()."""
+    """Everything the loop needs, built once by train.setup() (or lr_find.setup())."""
 
     accelerator: Any
     cfg: Any
