@@ -108,9 +108,9 @@ def range_test(cfg: Config, *, start_lr: float, end_lr: float, num_steps: int) -
             lrs, losses = _sweep(p, num_steps)
         finally:
             p.log.close()
-    world = p.accelerator.num_processes
-    return RangeTest(lrs, losses, lr_flag(1.0, p.cfg.optim, world, top_scale),
-                     p.accelerator.is_main_process)  # fmt: skip
+    acc = p.accelerator
+    scale = lr_flag(1.0, p.cfg.optim, acc.num_processes, top_scale)
+    return RangeTest(lrs, losses, lr_flag_scale=scale, is_main=acc.is_main_process)
 
 
 def _sweep(p, num_steps: int) -> tuple[list[float], list[float]]:
