@@ -66,19 +66,10 @@ def lr_flag(applied: float, o: OptimConfig, world: int, top_scale: float = 1.0) 
 def setup(cfg: Config, run_dir: Path):
     """Training's parts (histodist.train.setup without W&B, images or a kept run folder):
     `run_dir` is a throw-away folder (only the main process writes metrics.jsonl there)."""
-    from histodist.data.loader import load_manifest
-    from histodist.models import check_model_name
+    from histodist import train
     from histodist.training import build
-    from histodist.training.distributed import set_determinism
 
-    set_determinism(cfg.train.deterministic)
-    check_model_name(cfg.model.model)
-    manifest = load_manifest(cfg.data.shards)
-    cfg = replace(cfg, log={"wandb": "disabled", "log_images": False})
-    cfg, choice = build.resolve_precision(build.complete_config(cfg, manifest))
-    acc, mode, _ = build.make_accelerator(cfg)
-    acc.print(choice.describe())
-    p = build.build_parts(acc, cfg, manifest, run_dir, mode)
+    p = train.setup(replace(cfg, log={"wandb": "disabled", "log_images": False}), run_dir)
     build.apply_freeze(p, 0)  # the test starts where training starts
     return p
 
