@@ -4,26 +4,31 @@ Trains from the configured start for up to --num-steps optimizer steps while the
 grows exponentially from --start-lr to --end-lr, records the smoothed training loss, stops once
 it exceeds 4x its minimum, saves the loss-vs-lr plot as PNG and prints a suggested --lr: the lr
 of the steepest loss descent (a common rule, e.g. fastai's `valley`/`steep` suggestions).
-Takes every histodist.train option (model, batch size, augmentation, precision, ...).
+
+Takes every histodist.train option and shares training's setup and step: the model, optimizer,
+loss (label smoothing, class-balanced loss or resampling), augmentation (--crop), channels_last,
+gradient accumulation and clipping, per-micro-step seeding and the frozen backbone of the first
+epoch all come from histodist.training (build.build_parts, loop.micro_step, loop.optimizer_step);
+only the lr schedule is replaced. The swept lr is the largest parameter group's lr as applied,
+the other groups keep their ratio to it (--backbone-lr-scale, --layer-decay); the suggestion is
+printed as the --lr that histodist.train scales (--lr-scaling) to that applied lr.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from histodist import augment as aug
-from histodist.config import Config, build_parser, replace, resolve_namespace
-from histodist.data.loader import load_manifest
+from histodist.config import Config, OptimConfig, build_parser, replace, resolve_namespace
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path
-from histodist.models import build_model
-from histodist.training import build
-from histodist.training.optim import build_optimizer
+from histodist.training.optim import scaled_lr
 
 LR_FLAGS = ("start_lr", "end_lr", "num_steps", "out")
 
@@ -41,45 +46,92 @@ def parse(argv: list[str] | None) -> tuple[Config, dict]:
     return resolve_namespace(ns), opts
 
 
-def range_test(cfg: Config, *, start_lr: float, end_lr: float, num_steps: int):
-    """(lrs, smoothed losses, accelerator) of the range test; lr is the head group's lr at
-    each step."""
-    from accelerate import Accelerator
+@dataclass
+class RangeTest:
+    """What the range test recorded, on every rank (the losses are reduced over ranks)."""
 
-    manifest = load_manifest(cfg.data.shards)
-    cfg, choice = build.resolve_precision(build.complete_config(cfg, manifest))
-    acc = Accelerator(mixed_precision=cfg.train.precision)
-    acc.print(choice.describe())
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, num_classes=cfg.data.num_classes, image_size=cfg.data.image_size)
-    opt = build_optimizer(model, replace(cfg, optim={"lr": start_lr}).optim)
-    model, opt = acc.prepare(model, opt)
-    train_dl, _ = build.loaders(acc, cfg, manifest)
-    mean, std = build._norm(cfg, manifest, model)
-    augment = aug.build(cfg.augment.augment, out_size=cfg.data.image_size, mean=mean, std=std)
-    gen = torch.Generator(device=acc.device).manual_seed(cfg.train.seed + acc.process_index)
+    lrs: list[float]  # the largest parameter group's applied lr at each optimizer step
+    losses: list[float]  # smoothed training loss after each step (bias-corrected EMA)
+    lr_flag_scale: float  # --lr of histodist.train per unit of applied lr (1 without scaling)
+    is_main: bool  # this process prints and writes
+
+
+def lr_flag(applied: float, o: OptimConfig, world: int, top_scale: float = 1.0) -> float:
+    """The --lr with which histodist.train, on `world` processes, applies `applied` to its
+    largest parameter group: training's peak lr is scaled_lr(o, world) (--lr-scaling), times
+    `top_scale`, the largest group's lr factor (1: the head; more with --backbone-lr-scale > 1)."""
+    return applied * o.lr / (scaled_lr(o, world) * top_scale)
+
+
+def setup(cfg: Config, run_dir: Path):
+    """Training's parts (histodist.train.setup without W&B, images or a kept run folder):
+    `run_dir` is a throw-away folder (only the main process writes metrics.jsonl there)."""
+    from histodist import train
+    from histodist.training import build
+
+    p = train.setup(replace(cfg, log={"wandb": "disabled", "log_images": False}), run_dir)
+    build.apply_freeze(p, 0)  # the test starts where training starts
+    return p
+
+
+def exponential_schedule(p, start_lr: float, end_lr: float, num_steps: int):
+    """Replace p.scheduler by one on the same optimizer that multiplies every group's lr by the
+    same factor each step: the largest group goes from start_lr (step 0) to end_lr (step
+    num_steps - 1), the others keep their ratio to it. Returns the top group's lr factor
+    relative to the scaled peak lr (see lr_flag)."""
+    inner = getattr(p.optimizer, "optimizer", p.optimizer)  # accelerate's AcceleratedOptimizer
+    peaks = [g["initial_lr"] for g in inner.param_groups]  # training's per-group peak lrs
+    top = max(peaks)
+    for g, peak in zip(inner.param_groups, peaks, strict=True):
+        g["initial_lr"] = g["lr"] = peak * start_lr / top
     factor = (end_lr / start_lr) ** (1 / max(1, num_steps - 1))
+    p.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: factor**s)
+    return top / scaled_lr(p.cfg.optim, p.accelerator.num_processes)
+
+
+def range_test(cfg: Config, *, start_lr: float, end_lr: float, num_steps: int) -> RangeTest:
+    """Train up to `num_steps` optimizer steps of training's own step under an exponentially
+    growing lr; stop once the smoothed loss is non-finite or above 4x its minimum."""
+    with tempfile.TemporaryDirectory(prefix="histodist-lr_find-") as tmp:
+        p = setup(cfg, Path(tmp))
+        try:
+            top_scale = exponential_schedule(p, start_lr, end_lr, num_steps)
+            lrs, losses = _sweep(p, num_steps)
+        finally:
+            p.log.close()
+    acc = p.accelerator
+    scale = lr_flag(1.0, p.cfg.optim, acc.num_processes, top_scale)
+    return RangeTest(lrs, losses, lr_flag_scale=scale, is_main=acc.is_main_process)
+
+
+def _sweep(p, num_steps: int) -> tuple[list[float], list[float]]:
+    """(applied lr, smoothed loss) per optimizer step; each step is accum_steps calls of
+    loop.micro_step and one loop.optimizer_step, seeded per micro-step as in training."""
+    from histodist.training import loop
+
+    acc, accum = p.accelerator, p.cfg.optim.accum_steps
+    gen = torch.Generator(device=acc.device)
+    st, batches, micro = loop.State(), _cycle(p.train_loader), 0
     lrs, losses, avg, best = [], [], 0.0, math.inf
-    batches = _cycle(train_dl)
-    model.train()
+    p.model.train()
     for step in range(num_steps):
-        batch = next(batches)
-        x = augment(batch["image"].to(acc.device), gen)
-        loss = torch.nn.functional.cross_entropy(model(x).float(), batch["label"].to(acc.device))
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = acc.reduce(loss.detach(), reduction="mean").item()
+        lrs.append(max(g["lr"] for g in p.optimizer.param_groups))
+        window = loop.Window()
+        for k in range(accum):
+            loop.seed_micro_step(p, gen, micro)
+            sync = k + 1 == accum
+            window.add(loop.micro_step(p, next(batches), gen, sync, accum, first=micro == 0))
+            micro += 1
+        loop.optimizer_step(p, st, window)
+        mean = torch.stack(window.since_log).float().mean()
+        value = acc.reduce(mean, reduction="mean").item()  # one host sync per step
         avg = 0.98 * avg + 0.02 * value  # exponential smoothing with bias correction
         smooth = avg / (1 - 0.98 ** (step + 1))
-        lrs.append(max(g["lr"] for g in opt.param_groups))
         losses.append(smooth)
         best = min(best, smooth)
         if not math.isfinite(smooth) or smooth > 4 * best:
             break
-        for g in opt.param_groups:
-            g["lr"] *= factor
-    return lrs, losses, acc
+    return lrs, losses
 
 
 def _cycle(loader):
@@ -131,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg, opts = parse(argv)
-    lrs, losses, acc = range_test(
-        cfg, start_lr=opts["start_lr"], end_lr=opts["end_lr"], num_steps=opts["num_steps"]
-    )
-    if acc.is_main_process:
-        lr = suggest(lrs, losses)
-        path = plot(lrs, losses, lr, opts["out"])
+    r = range_test(cfg, start_lr=opts["start_lr"], end_lr=opts["end_lr"],
+                   num_steps=opts["num_steps"])  # fmt: skip
+    if r.is_main:
+        lr = suggest(r.lrs, r.losses)
+        path = plot(r.lrs, r.losses, lr, opts["out"])
+        flag = lr * r.lr_flag_scale
+        applied = "" if math.isclose(flag, lr) else f" (applied peak lr {lr:.2e})"
         print(
-            f"lr_find: {len(lrs)} steps, {lrs[0]:.1e} .. {lrs[-1]:.1e}; plot {path}; "
-            f"suggested --lr {lr:.2e}"
+            f"lr_find: {len(r.lrs)} steps, {r.lrs[0]:.1e} .. {r.lrs[-1]:.1e}; plot {path}; "
+            f"suggested --lr {flag:.2e}{applied}"
         )
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histodist.config import Config, parse_args
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 EXIT_NAN = EXIT_DIVERGED  # NaN/inf loss for --max-bad-steps steps
 
 
-def setup(cfg: Config) -> loop.Parts:
-    """Resolve the config against the shards, build the Accelerator, run folder and parts."""
+def setup(cfg: Config, run_dir: Path | None = None) -> loop.Parts:
+    """Resolve the config against the shards, build the Accelerator, run folder and parts.
+    `run_dir`: an existing scratch folder to log into instead of the run folder (lr_find)."""
     from histodist.data.loader import load_manifest
     from histodist.models import check_model_name
     from histodist.training import build
@@ -32,7 +34,8 @@ def setup(cfg: Config) -> loop.Parts:
     cfg = build.complete_config(cfg, manifest)
     cfg, choice = build.resolve_precision(cfg)
     acc, mode, msg = build.make_accelerator(cfg)
-    run_dir = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
+    if run_dir is None:
+        run_dir = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
     p = build.build_parts(acc, cfg, manifest, run_dir, mode)
     p.config_note = choice.describe()
     if msg:

@@ -1,4 +1,5 @@
-"""The training loop: one epoch, one optimizer step, evaluation, checkpoints. Built by train.py.
+"""The training loop: one epoch, one optimizer step, evaluation, checkpoints. Built by train.py;
+lr_find.py runs its micro-step and optimizer step.
 
 Every function here is collective: all ranks call it in the same order (DDP, all-reduces and
 checkpoints need every rank); only logging and file writes are main-process-only.
@@ -48,7 +49,7 @@ class State:
 
 @dataclass
 class Parts:
-    """Everything the loop needs, built once by train.setup()."""
+    """Everything the loop needs, built once by train.setup() (or lr_find.setup())."""
 
     accelerator: Any
     cfg: Any
@@ -107,9 +108,7 @@ def train_one_epoch(p: Parts, st: State) -> None:
         if i < skip:
             continue  # resume: the loader replays the epoch; skip the batches already trained
         micro = st.epoch * n + i
-        # Seeds per micro-step (augmentation, dropout) so a resumed run draws the same numbers.
-        gen.manual_seed(step_seed(cfg.train.seed, micro, acc.process_index))
-        torch.manual_seed(step_seed(cfg.train.seed + 1, micro, acc.process_index))
+        seed_micro_step(p, gen, micro)
         sync = (i + 1) % accum == 0 or i + 1 == stop
         window.add(micro_step(p, batch, gen, sync, accum, first=(micro == 0)))
         st.batch_in_epoch = i + 1
@@ -123,6 +122,14 @@ def train_one_epoch(p: Parts, st: State) -> None:
     check_health(p, st)  # before validation: a diverged run stops without scoring junk
     bar.close()
     st.epoch, st.batch_in_epoch, st.samples_in_epoch, st.stop_batch = st.epoch + 1, 0, 0, None
+
+
+def seed_micro_step(p: Parts, gen: torch.Generator, micro: int) -> None:
+    """Seed augmentation (`gen`) and dropout (torch's global generator) for micro-step `micro`
+    on this rank, so a resumed run draws the same numbers as the uninterrupted one."""
+    rank = p.accelerator.process_index
+    gen.manual_seed(step_seed(p.cfg.train.seed, micro, rank))
+    torch.manual_seed(step_seed(p.cfg.train.seed + 1, micro, rank))
 
 
 @dataclass
