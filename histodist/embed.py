@@ -30,7 +30,7 @@ from histodist.data import embeddings
 from histodist.data import loader as data
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
-from histodist.ingest.writer import INFO_DIR
+from histodist.ingest.writer import INFO_DIR, finished_record
 from histodist.models import features
 from histodist.version import version_string
 
@@ -115,18 +115,6 @@ def fingerprint(identity: dict, shard: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def complete(out: Path, name: str, fp: str) -> dict | None:
-    """The record of a finished output shard whose file still matches it, else None."""
-    info = out / INFO_DIR / f"{name}.json"
-    try:
-        rec = json.loads(info.read_text())
-    except (OSError, ValueError):
-        return None
-    path = out / name
-    ok = rec.get("fingerprint") == fp and path.is_file() and rec.get("bytes") == path.stat().st_size
-    return rec if ok and file_digest(path) == rec.get("sha256") else None
-
-
 def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(payload), 0o444, 0  # reproducible bytes
@@ -173,7 +161,7 @@ def embed_split(acc, model, transform, manifest: dict, split: str, identity: dic
     entries = manifest["splits"][split]["shards"]
     for e in data.split_by_rank(entries, acc.process_index, acc.num_processes):
         fp = fingerprint(identity, e)
-        if complete(out, e["name"], fp) is not None:
+        if finished_record(out, e["name"], fp) is not None:
             counts["reused"] += int(e["num_samples"])
             continue
         url = data.join_url(args.shards, e["name"])
@@ -193,7 +181,7 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
         s = src["splits"][split]
         recs = []
         for e in s["shards"]:
-            rec = complete(out, e["name"], fingerprint(identity, e))
+            rec = finished_record(out, e["name"], fingerprint(identity, e))
             if rec is None:
                 raise data.ShardError(f"{out / e['name']}: missing or incomplete; re-run embed")
             recs.append({k: rec[k] for k in ("name", "num_samples", "bytes", "sha256")})

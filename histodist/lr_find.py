@@ -111,7 +111,7 @@ def _sweep(p, num_steps: int) -> tuple[list[float], list[float]]:
 
     acc, accum = p.accelerator, p.cfg.optim.accum_steps
     gen = torch.Generator(device=acc.device)
-    st, batches, micro = loop.State(), _cycle(p.train_loader), 0
+    st, batches, micro = loop.State(), p.train_loader.forever(), 0
     lrs, losses, avg, best = [], [], 0.0, math.inf
     p.model.train()
     for step in range(num_steps):
@@ -132,14 +132,6 @@ def _sweep(p, num_steps: int) -> tuple[list[float], list[float]]:
         if not math.isfinite(smooth) or smooth > 4 * best:
             break
     return lrs, losses
-
-
-def _cycle(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

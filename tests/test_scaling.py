@@ -66,11 +66,11 @@ def test_main_prints_tables(capsys):
 
 
 def test_docs_show_the_scripts_output(capsys):
-    """docs/scaling.md holds the tables `python -m histodist.bench.scaling` prints (A100 and H100)."""
+    """docs/scaling.md holds the tables `python -m histodist.bench scaling` prints (A100 and H100)."""
     doc = (ROOT / "docs" / "scaling.md").read_text()
     for gpu in ("a100", "h100"):
         scaling.main(["--gpu", gpu])
         rows = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\| \d", ln)]
         assert rows and all(r in doc for r in rows), (
-            f"re-run python -m histodist.bench.scaling --gpu {gpu}"
+            f"re-run python -m histodist.bench scaling --gpu {gpu}"
         )

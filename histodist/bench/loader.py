@@ -27,15 +27,6 @@ import numpy as np
 import torch
 
 
-def _epochs(loader) -> Iterator:
-    """Batches of consecutive epochs (a small sample runs out before the timed batches do)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def _rate(batches: Iterable, num_batches: int, warmup: int, work=None) -> dict:
     """images/s over num_batches after `warmup` batches (worker start-up, buffer fill)."""
     it: Iterator = iter(batches)
@@ -70,7 +61,7 @@ def bench_shards(args, augment: str | list | None) -> dict:
         gen = torch.Generator().manual_seed(0)
         work = lambda x: aug(x, gen)  # noqa: E731
     num = args.augment_batches if augment else args.num_batches
-    return _rate(_epochs(loader), num, args.warmup, work)
+    return _rate(loader.forever(), num, args.warmup, work)
 
 
 def bench_image_folder(args) -> dict:
@@ -171,7 +162,7 @@ def bench_encodings(args) -> list[dict]:
             loader = data.from_urls(urls, batch_size=args.batch_size, rank=0, world_size=1,
                                     num_samples=total, workers=args.workers,
                                     shuffle_buffer=args.shuffle_buffer)  # fmt: skip
-            multi = max(_rate(_epochs(loader), args.num_batches, args.warmup)["images_per_s"]
+            multi = max(_rate(loader.forever(), args.num_batches, args.warmup)["images_per_s"]
                         for _ in range(args.repeats))  # fmt: skip
             rows.append({"encoding": enc, "bytes_per_sample": round(nbytes / n),
                          "images_per_s_1proc": round(one, 1),

@@ -1,6 +1,6 @@
 """What to expect from 1 to 512 GPUs: a small model of DDP training time, from cited inputs.
 
-`python -m histodist.bench.scaling` prints the tables of docs/scaling.md (ResNet-50 on PCam at 96 and
+`python -m histodist.bench scaling` prints the tables of docs/scaling.md (ResNet-50 on PCam at 96 and
 224 px). Every input is a flag, so the tables can be redone for another GPU, network or dataset.
 
 Model, per optimizer step of one GPU (all times in ms):
@@ -165,7 +165,7 @@ def _duration(seconds: float) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m histodist.bench.scaling",
+        prog="python -m histodist.bench scaling",
         description="Print the expected step time, communication and data rates of DDP "
         "training at several GPU counts (docs/scaling.md explains the model).",
     )
@@ -208,7 +208,3 @@ def main(argv: list[str] | None = None) -> int:
         print(table(s, px, a.gpus, a.batch_size, a.max_global_batch, a.ib[1]))
         print()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -583,6 +583,14 @@ class ShardLoader:
         """One line: shards per rank, workers used, samples per epoch (see RankStream)."""
         return self.dataset.describe(self.workers)
 
+    def forever(self, epoch: int = 0) -> Iterator[Batch]:
+        """Batches of epochs `epoch`, `epoch` + 1, ... without end (a range test or a benchmark
+        that needs more batches than a small split holds)."""
+        while True:
+            self.set_epoch(epoch)
+            yield from self
+            epoch += 1
+
     def __iter__(self) -> Iterator[Batch]:
         self._errors, self._bad = 0, set()
         try:

@@ -54,14 +54,21 @@ class ShardTask:
 
 def reusable(task: ShardTask) -> dict | None:
     """The previous record of this shard if its file is complete, unchanged and planned alike."""
-    path, info = Path(task.out_dir) / task.name, _info_path(task)
-    if not (path.is_file() and info.is_file()):
-        return None
+    return finished_record(Path(task.out_dir), task.name, task.fingerprint())
+
+
+def finished_record(out: Path, name: str, fingerprint: str) -> dict | None:
+    """The record (.shardinfo/<name>.json) of the finished shard `out/name` when it was written
+    for `fingerprint` and the file still has the recorded size and sha256, else None: what
+    lets an interrupted shard or embed run skip the shards it already finished."""
+    path, info = out / name, out / INFO_DIR / f"{name}.json"
     try:
         rec = json.loads(info.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("fingerprint") != task.fingerprint() or rec.get("bytes") != path.stat().st_size:
+    if rec.get("fingerprint") != fingerprint or not path.is_file():
+        return None
+    if rec.get("bytes") != path.stat().st_size:
         return None
     return rec if file_digest(path) == rec.get("sha256") else None
 
