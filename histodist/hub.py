@@ -28,6 +28,7 @@ from histodist.errors import HistodistError
 
 PREFIXES = ("hf-hub:", "local-dir:")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+H_OPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus-0 and -1 model cards
 
 
 class HubError(HistodistError, ValueError):
@@ -96,13 +97,13 @@ KNOWN: dict[str, Known] = {
         "bioptimus/H-optimus-0",
         "https://huggingface.co/bioptimus/H-optimus-0",
         {"init_values": 1e-5, "dynamic_img_size": False},
-        norm=((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
+        norm=H_OPTIMUS,
     ),
     "h-optimus-1": Known(
         "bioptimus/H-optimus-1",
         "https://huggingface.co/bioptimus/H-optimus-1",
         {"init_values": 1e-5, "dynamic_img_size": False},
-        norm=((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
+        norm=H_OPTIMUS,
     ),
     "prov-gigapath": Known(
         "prov-gigapath/prov-gigapath",
