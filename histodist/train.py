@@ -133,8 +133,12 @@ def summary(st: loop.State, cfg: Config, m: dict, seconds: float) -> str:
     return (
         f"epoch {st.epoch}/{cfg.train.epochs} step {st.step}: val loss {m['loss']:.4f} "
         + " ".join(parts)
-        + f" | best {cfg.train.metric} {st.best} | {seconds:.0f}s"
+        + f" | best {cfg.train.metric} {_fmt(st.best)} at step {st.best_step} | {seconds:.0f}s"
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

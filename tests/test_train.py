@@ -267,3 +267,15 @@ def test_patience_stops_after_that_many_validations_without_improvement(
     assert read_meta(ckpts / "last")["step"] == 16  # 8 steps per epoch, epoch 3 never ran
     assert read_meta(ckpts / "best")["step"] == 8
     assert [x["step"] for x in _lines(tmp_path / "es") if "val/auc" in x] == [8, 16]
+
+
+def test_epoch_summary_line_rounds_and_names_the_best_step():
+    from histodist.config import Config
+    from histodist.training.loop import State
+
+    st = State(epoch=1, step=625, best=0.8846720457077026, best_step=625)
+    m = {"loss": 0.44481, "auc": 0.88467, "accuracy": 0.781}
+    line = train.summary(st, Config(), m, 264.2)
+    assert "val loss 0.4448 auc 0.8847 accuracy 0.7810" in line
+    assert "best auc 0.8847 at step 625 | 264s" in line
+    assert "best auc none" in train.summary(State(), Config(), m, 1.0)
