@@ -137,6 +137,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         (out / stale).unlink(missing_ok=True)
     tasks = plan(scan, splits, out, args)
     records = write_all(tasks, args.workers)
+    reused = sum(r["reused"] for r in records.values())
+    if reused:
+        print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
+              "(complete and unchanged since they were written)")  # fmt: skip
     remove_stale(out, {t.name for t in tasks})
     name = args.name or out.resolve().name
     manifest = build_manifest(name, args, scan, splits, records, argv)

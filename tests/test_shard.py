@@ -189,7 +189,7 @@ def test_breakhis_ham_csv(tmp_path, pcam_jpeg):
     ] == [5, 5]
 
 
-def test_workers_give_identical_shards_and_rerun_reuses(tmp_path, pcam_jpeg):
+def test_workers_give_identical_shards_and_rerun_reuses(tmp_path, pcam_jpeg, capsys):
     src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=8)
     args = ["--dataset", "folder", "--src", src, "--samples-per-shard", 4]
     assert run(*args, "--out", tmp_path / "a", "--workers", 1) == 0
@@ -203,6 +203,8 @@ def test_workers_give_identical_shards_and_rerun_reuses(tmp_path, pcam_jpeg):
     assert run("--verify", tmp_path / "a") == 1
     assert run(*args, "--out", tmp_path / "a", "--workers", 1) == 0
     assert shard0.stat().st_mtime_ns == before  # complete shard skipped
+    n = len(list((tmp_path / "a").glob("*.tar")))
+    assert f"{n - 1} of {n} shards reused" in capsys.readouterr().out  # all but the damaged one
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"] == ma["splits"]
     assert run("--verify", tmp_path / "a") == 0
 
