@@ -83,6 +83,19 @@ def test_single_class_auc_is_nan_and_nan_never_best():
     assert not metrics.is_better(0.5, 0.5)
 
 
+def test_non_finite_probabilities_score_nan():
+    """A diverged model (NaN outputs) gets NaN everywhere, never a figure from its counts."""
+    probs, labels = _probs(40, 2, 5)
+    probs[3] = math.nan
+    m = metrics.summary(probs, labels)
+    assert set(m) == {"accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity"}
+    assert all(math.isnan(v) for v in m.values())
+    probs, labels = _probs(40, 3, 5)
+    probs[:, 0] = math.inf
+    assert all(math.isnan(v) for v in metrics.summary(probs, labels).values())
+    assert not metrics.is_better(metrics.summary(probs, labels)["accuracy"], 0.1)
+
+
 def test_numpy_and_torch_inputs_give_the_same_numbers():
     probs, labels = _probs(300, 3, 4)
     a = metrics.summary(probs, labels)
