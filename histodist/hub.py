@@ -28,7 +28,8 @@ from histodist.errors import HistodistError
 
 PREFIXES = ("hf-hub:", "local-dir:")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-H_OPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))  # H-optimus-0 and -1 model cards
+# H-optimus-0 and H-optimus-1 (their model cards)
+H_OPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 
 
 class HubError(HistodistError, ValueError):
