@@ -41,10 +41,14 @@ class Known:
     """What timm needs, beyond the repository's config.json, to build one model correctly."""
 
     repo: str  # hub id, ORG/NAME
-    source: str  # the model card the entry is taken from
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
     pool: str = "model"  # "model": timm's own pooling; "token+avg": [CLS, mean(patch tokens)]
     norm: tuple | None = None  # (mean, std) when the card gives its own
+
+    @property
+    def source(self) -> str:
+        """The model card the entry is taken from."""
+        return f"https://huggingface.co/{self.repo}"
 
 
 def _swiglu_silu() -> dict:
@@ -58,13 +62,11 @@ _LAYERS: dict[str, Callable[[], dict]] = {"swiglu-silu": _swiglu_silu}
 KNOWN: dict[str, Known] = {
     "uni": Known(
         "MahmoodLab/UNI",
-        "https://huggingface.co/MahmoodLab/UNI",
         {"init_values": 1e-5, "dynamic_img_size": True},
         norm=IMAGENET,
     ),
     "uni2-h": Known(
         "MahmoodLab/UNI2-h",
-        "https://huggingface.co/MahmoodLab/UNI2-h",
         {
             "img_size": 224,
             "patch_size": 14,
@@ -82,33 +84,28 @@ KNOWN: dict[str, Known] = {
     ),
     "virchow": Known(
         "paige-ai/Virchow",
-        "https://huggingface.co/paige-ai/Virchow",
         {"layers": "swiglu-silu"},
         pool="token+avg",
         norm=IMAGENET,
     ),
     "virchow2": Known(
         "paige-ai/Virchow2",
-        "https://huggingface.co/paige-ai/Virchow2",
         {"layers": "swiglu-silu"},
         pool="token+avg",  # class token + mean of the patch tokens (registers left out): 2560
         norm=IMAGENET,
     ),
     "h-optimus-0": Known(
         "bioptimus/H-optimus-0",
-        "https://huggingface.co/bioptimus/H-optimus-0",
         {"init_values": 1e-5, "dynamic_img_size": False},
         norm=H_OPTIMUS,
     ),
     "h-optimus-1": Known(
         "bioptimus/H-optimus-1",
-        "https://huggingface.co/bioptimus/H-optimus-1",
         {"init_values": 1e-5, "dynamic_img_size": False},
         norm=H_OPTIMUS,
     ),
     "prov-gigapath": Known(
         "prov-gigapath/prov-gigapath",
-        "https://huggingface.co/prov-gigapath/prov-gigapath",
         norm=IMAGENET,
     ),
 }
