@@ -5,12 +5,14 @@ removals, copies, fsyncs, and the writes of accelerate's save_state and of safet
 fails the k-th: by raising `Killed` (a BaseException, so no `except Exception` cleanup runs:
 the folder is left as a SIGKILL would leave it) or, with `exit_code`, by os._exit (a real kill
 of a training subprocess). `install_from_env()` arms it in a subprocess from HISTODIST_FAULT_AT.
+`Payload` / `live_payload` give the pickle that checks a loader never unpickles a file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import accelerate.utils.other as acc_other
 import torch
@@ -86,3 +88,24 @@ def install_from_env() -> FaultPlan | None:
 
     checkpoint.save_last = save_last
     return plan
+
+
+class Payload:
+    """Pickles to a call that creates a marker file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def live_payload(tmp_path: Path) -> Path:
+    """The marker path a Payload creates, after checking (with a probe file) that unpickling
+    a Payload really creates it; the marker does not exist on return."""
+    marker = tmp_path / "marker"
+    torch.save(Payload(marker), tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert marker.exists()  # the payload is live when unpickled
+    marker.unlink()
+    return marker

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from faultkit import FaultPlan, Killed
+from faultkit import FaultPlan, Killed, Payload, live_payload
 
 from histodist.training import checkpoint as ck
 from histodist.training.checkpoint import (
@@ -215,16 +215,6 @@ def test_full_disk_one_line_error_partial_removed_resume_works(tmp_path, monkeyp
     assert os.readlink(root / "last") == "step-000000030"
 
 
-class Payload:
-    """Pickles to a call that creates a marker file when unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_no_checkpoint_file_is_ever_unpickled(tmp_path):
     """A pickled payload written over each file of a state in turn (and as an accelerate
     custom-object file): resume never runs it; it falls back to the older state instead."""
@@ -234,11 +224,7 @@ def test_no_checkpoint_file_is_ever_unpickled(tmp_path):
     newest = root / "step-000000020"
     files = sorted(p.name for p in newest.iterdir()) + ["custom_checkpoint_0.pkl"]
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "meta.json"} <= set(files)
-    marker = tmp_path / "marker"
-    torch.save(Payload(marker), tmp_path / "probe.pt")
-    torch.load(tmp_path / "probe.pt", weights_only=False)
-    assert marker.exists()  # the payload is live when unpickled
-    marker.unlink()
+    marker = live_payload(tmp_path)
     for name in files:
         original = (newest / name).read_bytes() if (newest / name).is_file() else None
         torch.save(Payload(marker), newest / name)

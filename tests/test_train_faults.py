@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from faultkit import Payload, live_payload
 from safetensors.torch import load_file
 from trainkit import ROOT, env, run, run_flags, tiny_shards, train_cmd
 
@@ -111,16 +112,6 @@ def test_full_disk_is_one_line_and_resume_works_once_space_is_freed(
     _same_weights(reference, tmp_path / "full")
 
 
-class Payload:
-    """Unpickles to a call that creates the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 @pytest.mark.slow
 def test_resume_of_an_ema_run_never_unpickles_a_checkpoint_file(shards, tmp_path, capsys):
     """A pickled payload over each file of the newest state in turn, and as accelerate's
@@ -133,11 +124,7 @@ def test_resume_of_an_ema_run_never_unpickles_a_checkpoint_file(shards, tmp_path
     newest = states(root)[0]
     names = sorted(p.name for p in newest.iterdir()) + ["custom_checkpoint_0.pkl"]
     assert "model_ema.safetensors" in names and "optimizer.bin" in names
-    marker = tmp_path / "marker"
-    torch.save(Payload(marker), tmp_path / "probe.pt")
-    torch.load(tmp_path / "probe.pt", weights_only=False)
-    assert marker.exists()  # the payload is live when unpickled
-    marker.unlink()
+    marker = live_payload(tmp_path)
     for name in names:
         saved = tmp_path / "saved"
         shutil.copytree(root, saved, symlinks=True)
