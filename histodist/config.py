@@ -508,6 +508,17 @@ def resolve(argv: list[str] | None = None) -> Config:
     return resolve_namespace(vars(build_parser().parse_args(argv)))
 
 
+def _layer_name(
+    flags: dict, yaml_layer: dict, section: str, key: str, default: str, table: dict
+) -> str:
+    """The preset or recipe to apply: the flag, else the YAML file's, else the default; one of
+    `table`'s names."""
+    name = flags.get(section, {}).get(key) or yaml_layer.get(section, {}).get(key) or default
+    if name not in table:
+        raise ConfigError(f"{_flag(key)} {name!r}: choose one of {', '.join(table)}")
+    return name
+
+
 def resolve_namespace(ns: dict) -> Config:
     """The Config from parsed flags {"section.key": value, "config": path}."""
     ns = dict(ns)
@@ -516,20 +527,8 @@ def resolve_namespace(ns: dict) -> Config:
     for dest, value in ns.items():
         section, key = dest.split(".")
         flags.setdefault(section, {})[key] = value
-    dataset = (
-        flags.get("data", {}).get("dataset")
-        or yaml_layer.get("data", {}).get("dataset")
-        or DataConfig.dataset
-    )
-    if dataset not in PRESETS:
-        raise ConfigError(f"--dataset {dataset!r}: choose one of {', '.join(PRESETS)}")
-    recipe = (
-        flags.get("train", {}).get("recipe")
-        or yaml_layer.get("train", {}).get("recipe")
-        or TrainConfig.recipe
-    )
-    if recipe not in RECIPES:
-        raise ConfigError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    dataset = _layer_name(flags, yaml_layer, "data", "dataset", DataConfig.dataset, PRESETS)
+    recipe = _layer_name(flags, yaml_layer, "train", "recipe", TrainConfig.recipe, RECIPES)
     layers = _merge({s: {} for s in SECTIONS}, {"data": {"dataset": dataset}}, "preset")
     layers = _merge(layers, PRESETS[dataset], f"preset {dataset}")
     layers = _merge(layers, RECIPES[recipe], f"recipe {recipe}")
