@@ -52,3 +52,12 @@ def kaggle_mini() -> Path:
     if not KAGGLE_MINI.is_dir():
         pytest.skip(f"real data absent: {KAGGLE_MINI}")
     return KAGGLE_MINI
+
+
+@pytest.fixture(scope="session")
+def tiny_pcam_shards(tmp_path_factory, pcam_jpeg) -> Path:
+    """trainkit.tiny_shards (64 train, 40 valid real PCam patches), written once per pytest run
+    for every module that trains on it; no test writes into it."""
+    from trainkit import tiny_shards
+
+    return tiny_shards(tmp_path_factory.mktemp("tiny-pcam") / "shards", pcam_jpeg)

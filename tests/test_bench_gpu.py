@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainkit import tiny_shards
 
 from histodist.bench import gpu
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, pcam_jpeg):
-    return tiny_shards(tmp_path_factory.mktemp("gpu") / "shards", pcam_jpeg)
+def shards(tiny_pcam_shards):
+    return tiny_pcam_shards
 
 
 @pytest.mark.slow  # ~45 s of CPU: a training run, two evaluations and an export (subprocesses)

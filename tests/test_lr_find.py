@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from trainkit import TINY, run_flags, tiny_shards
+from trainkit import TINY, run_flags
 
 from histodist import lr_find, train
 from histodist.config import OptimConfig
@@ -19,8 +19,8 @@ OPTIONS = ["--label-smoothing", "0.1", "--grad-clip", "0.5", "--class-balance", 
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, pcam_jpeg):
-    return tiny_shards(tmp_path_factory.mktemp("shards"), pcam_jpeg)
+def shards(tiny_pcam_shards):
+    return tiny_pcam_shards
 
 
 def _spy(monkeypatch, module, name: str, calls: list):

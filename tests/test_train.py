@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import TINY, env, run, run_flags, tiny_shards, train_cmd
+from trainkit import TINY, env, run, run_flags, train_cmd
 
 from histodist import train
 from histodist.config import load_config
@@ -18,8 +18,8 @@ EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, pcam_jpeg):
-    return tiny_shards(tmp_path_factory.mktemp("shards"), pcam_jpeg)
+def shards(tiny_pcam_shards):
+    return tiny_pcam_shards
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from faultkit import Payload, live_payload
 from safetensors.torch import load_file
-from trainkit import ROOT, env, run, run_flags, tiny_shards, train_cmd
+from trainkit import ROOT, env, run, run_flags, train_cmd
 
 from histodist import train
 from histodist.errors import EXIT_FAILURE, EXIT_OK
@@ -24,8 +24,8 @@ EPOCHS = ["--epochs", "2", "--deterministic", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, pcam_jpeg):
-    return tiny_shards(tmp_path_factory.mktemp("shards"), pcam_jpeg)
+def shards(tiny_pcam_shards):
+    return tiny_pcam_shards
 
 
 @pytest.fixture(scope="module")
