@@ -67,16 +67,19 @@ def confusion(probs: Array, labels: Array) -> torch.Tensor:
 
 
 def per_class(probs: Array, labels: Array) -> dict[str, torch.Tensor]:
-    """float64 (C,) precision, recall and F1 per class, and int64 (C,) support. Precision is 0
-    for a class never predicted; recall and F1 are NaN for a class absent from the labels."""
-    cm = confusion(probs, labels).double()
+    """float64 (C,) precision, recall and F1 per class, int64 (C,) support, and the int64
+    (C, C) confusion matrix they come from. Precision is 0 for a class never predicted; recall
+    and F1 are NaN for a class absent from the labels."""
+    counts = confusion(probs, labels)
+    cm = counts.double()
     tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
     recall = torch.where(support > 0, tp / support.clamp(min=1), math.nan)
     both = precision + recall
     f1 = torch.where(both > 0, 2 * precision * recall / both.clamp(min=1e-300), 0.0)
     f1 = torch.where(support > 0, f1, math.nan)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support.long()}
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.long(),
+            "confusion": counts}  # fmt: skip
 
 
 def roc_auc(scores: Array, positive: Array) -> float:
@@ -94,11 +97,12 @@ def auc(probs: Array, labels: Array) -> float:
     """ROC AUC of P(class 1) (two classes) or one-vs-rest AUC averaged over the present
     classes; NaN when the labels hold a single class."""
     p, y = as_tensors(probs, labels)
-    if y.unique().numel() < 2 or not torch.isfinite(p).all():
+    present = y.unique().tolist()
+    if len(present) < 2 or not torch.isfinite(p).all():
         return math.nan
     if p.shape[1] == 2:
         return roc_auc(p[:, 1], y)
-    return sum(roc_auc(p[:, k], y == k) for k in y.unique().tolist()) / y.unique().numel()
+    return sum(roc_auc(p[:, k], y == k) for k in present) / len(present)
 
 
 def summary(probs: Array, labels: Array) -> dict[str, float]:
@@ -114,7 +118,7 @@ def summary(probs: Array, labels: Array) -> dict[str, float]:
     c = per_class(p, y)
     present = c["support"] > 0
     out = {
-        "accuracy": (predicted_class(p) == y).double().mean().item(),
+        "accuracy": (c["confusion"].trace() / len(y)).item(),
         "balanced_accuracy": c["recall"][present].mean().item(),
         "auc": auc(p, y),
     }

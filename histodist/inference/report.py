@@ -54,14 +54,13 @@ def bootstrap_auc_ci(
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    probs = np.stack([1 - p_pos, p_pos], 1)
     aucs = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         y = labels[idx]
         if y.min() == y.max():
             continue
-        aucs.append(M.auc(probs[idx], y))
+        aucs.append(M.roc_auc(p_pos[idx], y))
     if not aucs:
         return math.nan, math.nan
     lo, hi = np.percentile(aucs, [100 * alpha / 2, 100 * (1 - alpha / 2)])
@@ -137,13 +136,18 @@ def binary_metrics(
     two = len(np.unique(labels)) == 2
     lo, hi = bootstrap_auc_ci(p_pos, labels, n_boot=n_boot, seed=seed) if two else (math.nan,) * 2
     t = youden_threshold(p_pos, labels) if youden is None else youden
+    m = M.summary(probs, labels)
     return {
         "n": int(len(labels)),
-        **M.summary(probs, labels),
+        **m,
         "auc_ci95": [lo, hi],
         "nll": nll(probs, labels),
         "ece": calibration_error(probs, labels),
-        "at_0.5": _at_threshold(p_pos, labels, 0.5),
+        "at_0.5": {
+            "threshold": 0.5,
+            "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"],
+        },  # fmt: skip
         "at_youden": {
             **_at_threshold(p_pos, labels, t),
             "chosen_on": "self" if youden is None else "given",
@@ -170,7 +174,7 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
             }
             for k, name in enumerate(classes)
         },
-        "confusion": M.confusion(probs, labels).tolist(),
+        "confusion": c["confusion"].tolist(),
     }
 
 
