@@ -111,3 +111,12 @@ def test_cli_answers_before_importing_torch(module, args):
     assert proc.stdout.strip().splitlines()[-1].startswith("NO-TORCH"), proc.stdout + proc.stderr
     if args != ["--help"]:
         assert "histodist.train: error:" in proc.stderr and proc.stdout.split()[-1] == "2"
+
+
+# Two in-process runs at different precisions, in this order: accelerate keeps one state per
+# process, which tests/conftest.py resets after each test (the second failed without it).
+@pytest.mark.parametrize("mixed", ["no", "bf16"])
+def test_in_process_accelerators_at_different_precisions(mixed):
+    from accelerate import Accelerator
+
+    assert Accelerator(cpu=True, mixed_precision=mixed).mixed_precision == mixed
