@@ -3,6 +3,7 @@
     python -m histodist.shard --dataset folder --src ../shared/data/pcam-jpeg --out shards/pcam-sample
     python -m histodist.shard --dataset pcam --download --out shards/pcam
     python -m histodist.shard --verify shards/pcam
+    python -m histodist.shard --dataset wsi --src slides/ --mpp 0.5 --tile-size 224 --out shards/x
 
 The format is described in docs/shards.md. Splits: official ones are kept; otherwise a
 deterministic class-stratified split at the patient / lesion / slide level (sources/split.py).
@@ -28,11 +29,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
-from histodist.errors import run_cli
+from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_write, file_digest
 from histodist.ingest import imageio, sources
+from histodist.ingest.slides import ranks, sharding
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
 from histodist.ingest.sources.split import split_items
+from histodist.ingest.sources.wsi import wsi_options
 from histodist.ingest.writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
@@ -75,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="processes writing shards (default: CPU count, at most 8)",
     )
-    add("--magnification", choices=["40X", "100X", "200X", "400X"], help="breakhis: keep one")
+    add("--magnification", metavar="M",
+        help="breakhis: keep one of 40X/100X/200X/400X; wsi: tile at 10/M µm/px (20: 0.5)")  # fmt: skip
     add("--breakhis-labels", choices=["binary", "subtype"], default="binary", help="breakhis")
     add("--image-column", default="images", help="csv: image path column (images)")
     add("--label-column", default="labels", help="csv: label column (labels)")
     add("--group-column", help="csv: optional patient / slide id column")
+    _wsi_flags(add)
     add("--download", action="store_true", help="pcam: fetch the official release first")
     add("--cache-dir", metavar="DIR", help="pcam: downloads and gunzipped .h5 files")
     add(
@@ -88,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="pcam: download base (default: env HISTODIST_PCAM_URL, else the Zenodo record)",
     )
     return p
+
+
+def _wsi_flags(add) -> None:
+    add("--mpp", type=float, metavar="UM", help="wsi: tiles' µm per pixel (default 0.5)")
+    add("--tile-size", type=int, metavar="PX", help="wsi: tile side in pixels (default 224)")
+    add("--min-tissue", type=float, metavar="F",
+        help="wsi: keep tiles with at least this tissue fraction (default 0.5)")  # fmt: skip
+    add("--assume-mpp", type=float, metavar="UM",
+        help="wsi: level-0 µm/px of slides whose file has none (else they stop the run)")  # fmt: skip
+    add("--labels", metavar="CSV", help="wsi: slide,label[,patient][,split] per slide")
+    add("--annotations", metavar="DIR", help="wsi: <slide>.geojson|.xml tumour regions")
+    add("--label-coverage", type=float, metavar="F",
+        help="wsi: a tile is tumour from this annotated fraction of its area (default 0.5)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +130,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
             parser.error("--download is only available for --dataset pcam")
         args.src = str(fetch_pcam(args.cache_dir or args.src, args.url_base))
     manifest = run(args, argv)
+    if manifest is None:  # a rank of a cluster run: another rank writes the manifest
+        return 0
     _print_summary(manifest, args.out)
     warning = few_shards_warning(manifest)
     if warning:
@@ -119,15 +139,19 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     return 0
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    """Scan, split, write every shard, then the manifest and _info.json (atomically, last)."""
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
+    """Scan, split, write every shard, then the manifest and _info.json (atomically, last).
+    None: this rank of a cluster run wrote its shards, and another rank writes the manifest."""
+    wsi = args.dataset == "wsi"
+    rank = _rank() if wsi else ranks.Rank()
     opts = SourceOptions(
-        args.magnification,
+        None if wsi else _breakhis_magnification(args.magnification),
         args.breakhis_labels,
         args.image_column,
         args.label_column,
         args.group_column,
         args.cache_dir,
+        wsi_options(args, rank) if wsi else _no_wsi_flags(args),
     )
     scan = sources.scan(args.dataset, args.src, opts)
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
@@ -135,8 +159,21 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", "_info.json"):  # an interrupted run must not look complete
         (out / stale).unlink(missing_ok=True)
-    tasks = plan(scan, splits, out, args)
-    records = write_all(tasks, args.workers)
+    if wsi:
+        args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
+        per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
+                                          sum(it.extra["tiles"] for it in v))
+                     for k, v in splits.items()}  # fmt: skip
+        tasks = sharding.plan(splits, out, scan.reader, scan.classes, encoding=args.encoding,
+                              quality=args.jpeg_quality, per_shard=per_shard)  # fmt: skip
+        records = sharding.gather(tasks, sharding.write_share(tasks, rank, args.workers), rank)
+        if records is None:
+            print(f"histodist.shard: rank {rank.rank} of {rank.world}: shards written; the "
+                  "last rank to finish writes the manifest (or re-run the command)")  # fmt: skip
+            return None
+    else:
+        tasks = plan(scan, splits, out, args)
+        records = write_all(tasks, args.workers)
     reused = sum(r["reused"] for r in records.values())
     if reused:
         print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
@@ -144,9 +181,33 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     remove_stale(out, {t.name for t in tasks})
     name = args.name or out.resolve().name
     manifest = build_manifest(name, args, scan, splits, records, argv)
+    if wsi:
+        manifest.update(sharding.manifest_slides(scan, splits, records))
+        manifest["tiling"] = opts.wsi.record(args.magnification, scan.extra["labelled_by"])
     _atomic_json(out / "_info.json", timm_info(name, manifest))
     _atomic_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _rank() -> ranks.Rank:
+    try:
+        return ranks.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _breakhis_magnification(value: str | None) -> str | None:
+    if value is not None and value not in ("40X", "100X", "200X", "400X"):
+        raise UsageError(f"--magnification {value}: breakhis has 40X, 100X, 200X or 400X")
+    return value
+
+
+def _no_wsi_flags(args: argparse.Namespace) -> None:
+    for flag in ("mpp", "tile_size", "min_tissue", "assume_mpp", "labels", "annotations",
+                 "label_coverage"):  # fmt: skip
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} is only for --dataset wsi")
+    return None
 
 
 def make_splits(scan: Scan, val: float | None, test: float | None, seed: int) -> dict:
@@ -203,9 +264,11 @@ def shard_sizes(num_items: int, per_shard: int) -> list[int]:
     return [num_items // k + (i < num_items % k) for i in range(k)]
 
 
-def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> int:
+def samples_per_shard(
+    scan: Scan, items: list[Item], requested: int | None, num_samples: int | None = None
+) -> int:
     """At most this many samples per shard: --samples-per-shard, or ~SHARD_BYTES per shard
-    but at least MIN_SHARDS per split."""
+    but at least MIN_SHARDS per split (of `num_samples`, default one per item)."""
     if requested is not None:
         if requested < 1:
             raise ShardError("--samples-per-shard must be >= 1")
@@ -217,7 +280,8 @@ def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> i
     else:
         per_sample = getattr(scan.reader, "bytes_per_sample", 96 * 96 * 3) + SAMPLE_OVERHEAD
     by_bytes = max(1, int(SHARD_BYTES // per_sample))
-    return min(by_bytes, max(256, math.ceil(len(items) / MIN_SHARDS)))
+    n = len(items) if num_samples is None else num_samples
+    return min(by_bytes, max(256, math.ceil(n / MIN_SHARDS)))
 
 
 def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[ShardTask]:

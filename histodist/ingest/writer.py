@@ -5,16 +5,24 @@ always whole. Its record (counts, bytes, sha256, statistics) goes to `.shardinfo
 beside it, with a fingerprint of its planned content: a re-run skips a shard whose file still
 hashes to the record and whose plan is unchanged. Tar headers carry no time or owner, so the same
 plan always gives byte-identical shards, whatever the number of workers.
+
+A task with a `unit_key` (slide tiles) is written in parts: each of its items (a slide segment,
+which the reader expands into many samples) becomes a small tar of its own under
+`.parts/<shard>/`, resumable like a shard, and `assemble` concatenates the parts' members into
+the shard, leaving out every unit (slide) one of whose parts failed. So a re-run after a kill
+redoes only the parts that were not finished, and every sample is written once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +32,7 @@ from histodist.ingest import imageio
 from histodist.ingest.sources import Item, Reader
 
 INFO_DIR = ".shardinfo"
+PARTS_DIR = ".parts"
 WRITER_VERSION = 2  # bump when the bytes written for the same plan change: forces rewrites
 
 
@@ -39,6 +48,7 @@ class ShardTask:
     encoding: str = "auto"
     quality: int = 95
     stats: bool = False  # accumulate per-channel histograms for mean/std (train split)
+    unit_key: str | None = None  # write in parts, one per item; item.extra[unit_key]: its unit
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(
@@ -104,6 +114,7 @@ def _fill(tmp: Path, task: ShardTask, rec: dict, hist: np.ndarray) -> None:
                 continue
             _add_sample(tar, item, enc, task.classes)
             _count(rec, item, enc, hist if task.stats else None)
+        rec["data_bytes"] = tar.offset  # where the end-of-archive blocks start (for `assemble`)
 
 
 def _new_record(task: ShardTask) -> dict:
@@ -172,3 +183,82 @@ def read_shard_keys(path: str | Path) -> Counter:
                 keys[m.name.split(".", 1)[0]] += 1
                 tar.extractfile(m).read()  # read every byte: truncation shows up here
     return keys
+
+
+def part_tasks(task: ShardTask) -> list[ShardTask]:
+    """The parts of a `unit_key` task: one task per item, written under `.parts/<shard>/`."""
+    folder = Path(task.out_dir) / PARTS_DIR / task.name
+    return [
+        replace(task, out_dir=str(folder), name=f"part-{i:05d}.tar", items=[it], unit_key=None)
+        for i, it in enumerate(task.items)
+    ]
+
+
+def failed_units(task: ShardTask, part_records: list[dict]) -> dict[str, str]:
+    """unit -> reason, for the units of `task` one of whose parts rejected a sample (a slide
+    that failed while reading: the reader stopped it there)."""
+    failed: dict[str, str] = {}
+    for item, rec in zip(task.items, part_records, strict=True):
+        if rec["rejected"]:
+            failed.setdefault(item.extra[task.unit_key], rec["rejected"][0]["reason"])
+    return failed
+
+
+def assemble(task: ShardTask, part_records: list[dict], failed: dict[str, str]) -> dict:
+    """Write the shard of a `unit_key` task from its finished parts (records in item order),
+    leaving out the units in `failed`; return its record, which adds `units` (unit, start,
+    count: where each unit's samples lie in the shard) and `dropped` (unit, reason)."""
+    rec = {**_new_record(task), "sum": [0.0] * 3, "sumsq": [0.0] * 3, "units": [], "dropped": []}
+    parts = []
+    for i, (item, prec) in enumerate(zip(task.items, part_records, strict=True)):
+        unit = item.extra[task.unit_key]
+        if unit in failed:
+            if not rec["dropped"] or rec["dropped"][-1]["unit"] != unit:
+                rec["dropped"].append({"unit": unit, "reason": failed[unit]})
+            continue
+        parts.append((i, prec["data_bytes"]))
+        _merge(rec, prec, unit)
+    folder = Path(task.out_dir) / PARTS_DIR / task.name
+    digest = hashlib.sha256()
+    with atomic_path(Path(task.out_dir) / task.name) as tmp, open(tmp, "wb") as out:
+        for i, size in parts:
+            with open(folder / f"part-{i:05d}.tar", "rb") as f:
+                _copy(f, out, size, digest)
+        end = tarfile.BLOCKSIZE * 2  # tarfile's end of archive, padded to a whole record
+        end += -(out.tell() + end) % tarfile.RECORDSIZE
+        out.write(b"\0" * end)
+        digest.update(b"\0" * end)
+        rec["bytes"], rec["sha256"] = out.tell(), digest.hexdigest()
+    atomic_write(_info_path(task), json.dumps(rec))
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: other shards' parts are still there
+        folder.parent.rmdir()
+    return {**rec, "reused": False}
+
+
+def _merge(rec: dict, part: dict, unit: str) -> None:
+    """Add a part's counts and statistics to the shard record `rec`."""
+    if part["num_samples"]:
+        units = rec["units"]
+        if units and units[-1]["unit"] == unit:
+            units[-1]["count"] += part["num_samples"]
+        else:
+            units.append({"unit": unit, "start": rec["num_samples"], "count": part["num_samples"]})
+    for k in ("num_samples", "unlabelled", "pixels"):
+        rec[k] += part[k]
+    for k in ("class_counts", "sum", "sumsq"):
+        rec[k] = [a + b for a, b in zip(rec[k], part[k], strict=True)]
+    for k, v in part["converted"].items():
+        rec["converted"][k] += v
+    for k, v in part["sizes"].items():
+        rec["sizes"][k] = rec["sizes"].get(k, 0) + v
+
+
+def _copy(src, dst, size: int, digest) -> None:
+    while size > 0:
+        chunk = src.read(min(size, 1 << 22))
+        if not chunk:
+            raise OSError(f"{src.name}: shorter than its record says")
+        dst.write(chunk)
+        digest.update(chunk)
+        size -= len(chunk)

@@ -1,10 +1,11 @@
 """Raw dataset layouts -> lists of `Item`s plus a reader that turns items into payloads.
 
-One module per layout (`pcam`, `kaggle_hcd`, `idc`, `breakhis`, `ham10000`, `folder`, `csv`), each
-with `scan(src: Path, opts: SourceOptions) -> Scan`. Sources know nothing of tar files or torch:
-they list samples (key, where the bytes live, label, group id, metadata) cheaply, without
-decoding pixels, and a picklable `Reader` yields the payloads (encoded bytes, or a uint8 (H, W, 3)
-array for HDF5 sources) in the parallel shard writers.
+One module per layout (`pcam`, `kaggle_hcd`, `idc`, `breakhis`, `ham10000`, `folder`, `csv`,
+`wsi`), each with `scan(src: Path, opts: SourceOptions) -> Scan`. Sources know nothing of tar
+files or torch: they list samples (key, where the bytes live, label, group id, metadata)
+cheaply, without decoding pixels, and a picklable `Reader` yields the payloads (encoded bytes,
+or a uint8 (H, W, 3) array for HDF5 sources and slide tiles) in the parallel shard writers.
+The wsi reader's items are slide segments, each expanding into many tile samples.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from histodist.ingest.sources.wsi import WsiOptions
 
 LAYOUTS = {
     "pcam": "pcam",
@@ -30,6 +35,7 @@ LAYOUTS = {
     "ham10000": "ham10000",
     "folder": "folder",
     "csv": "csv",
+    "wsi": "wsi",
 }
 Payload = bytes | np.ndarray
 
@@ -59,6 +65,7 @@ class SourceOptions:
     label_column: str = "labels"  # csv
     group_column: str | None = None  # csv: optional patient / slide column
     cache_dir: str | None = None  # pcam: where gunzipped .h5 files go
+    wsi: WsiOptions | None = None  # wsi: tiling, labels, annotations, ranks (sources.wsi)
 
 
 class Reader:
@@ -108,6 +115,7 @@ class Scan:
     `official`: split name -> items for splits the release defines (kept as they are).
     `pool`: labelled items still to be split by --val-fraction / --test-fraction (may be empty).
     `ordered`: keep item order when sharding (HDF5 rows are read in contiguous chunks).
+    `extra`: what a layout adds to the manifest's inputs (wsi: slide surveys, rejected slides).
     """
 
     classes: list[str]
@@ -116,6 +124,7 @@ class Scan:
     pool: list[Item]
     reader: Reader
     ordered: bool = False
+    extra: dict = field(default_factory=dict)
 
 
 def scan(layout: str, src: str | Path, opts: SourceOptions | None = None) -> Scan:
