@@ -275,3 +275,140 @@ def test_pack_keeps_slides_whole_and_splits_only_large_ones():
     shards = pack([30, 50, 20, 250, 10], 100)
     assert shards == [[(0, 0, 30), (1, 0, 50), (2, 0, 20)], [(3, 0, 84)], [(3, 84, 167)],
                       [(3, 167, 250)], [(4, 0, 10)]]  # fmt: skip
+
+
+def test_slide_failing_while_read_is_left_out_of_its_shard(tmp_path, pcam_jpeg):
+    """A level-0 tile whose compressed bytes are garbage: the survey (thumbnail from the 4x
+    level) passes, reading tiles from level 0 fails: the slide is left out whole, listed with
+    the reason, and the slide sharing its shard keeps all its tiles."""
+    import tifffile
+
+    src = tmp_path / "slides"
+    tissue = block(range(1, 3), range(1, 3))
+    for name in ("a", "b"):
+        make_slide(src / f"{name}.tif", pcam_jpeg, cols=4, rows=4, tissue=tissue)
+    with tifffile.TiffFile(src / "b.tif") as tf:
+        page = tf.pages[0]
+        k = 1 * page.chunked[1] + 1  # the 256 px tile at (256, 256): planted tissue
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with open(src / "b.tif", "r+b") as f:
+        f.seek(offset + 2)
+        f.write(b"\xff" * (count - 2))
+    out = tmp_path / "out"
+    args = ["--dataset", "wsi", "--src", src, "--out", out, "--mpp", 0.5, "--tile-size", 64]
+    assert run(*args, "--workers", 1) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["slides"]) == {"a"} and m["slides"]["a"]["tiles"] == 16  # 2 x 2 cells, 4 each
+    assert [r["path"] for r in m["rejected_slides"]] == ["b.tif"]
+    assert "cannot read level 0" in m["rejected_slides"][0]["reason"]
+    tiles = read_tiles(out)["test"]
+    assert len(tiles) == 16 and {t["json"]["slide"] for t in tiles} == {"a"}
+    assert shard.main(["--verify", str(out)]) == 0
+
+
+def _shards(out: Path) -> dict[str, str]:
+    m = json.loads((out / "manifest.json").read_text())
+    return {sh["name"]: sh["sha256"] for s in m["splits"].values() for sh in s["shards"]}
+
+
+@pytest.fixture(scope="module")
+def big_cohort(cohort, tmp_path_factory):
+    """The cohort tiled at 0.25 µm/px (16 tiles per cell, ~750 tiles) in one process: the
+    reference for the multi-process and interrupted runs."""
+    d, _ = cohort
+    out = tmp_path_factory.mktemp("ref") / "out"
+    args = ["--dataset", "wsi", "--src", d / "slides", "--labels", d / "slides.csv"]
+    args += ["--mpp", 0.25, "--tile-size", 64, "--samples-per-shard", 100, "--workers", 1]
+    args += ["--val-fraction", 0.2, "--test-fraction", 0]  # 4 patients: 2 of them to valid
+    assert run(*args, "--out", out) == 0
+    return [str(a) for a in args], out
+
+
+def _subprocess(args: list[str], extra_env: dict | None = None, prefix: list[str] | None = None):
+    import subprocess
+    import sys
+
+    from trainkit import env
+
+    cmd = [sys.executable, *(prefix or ["-m"]), "histodist.shard", *args]
+    return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_write_every_tile_once(big_cohort, tmp_path):
+    """A real 2-process `accelerate launch`, then a Slurm array run one task after the other:
+    the same shards, byte for byte, as one process; every tile once."""
+    from trainkit import free_port
+
+    args, ref = big_cohort
+    out = tmp_path / "acc"
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", str(free_port()), "-m"]  # fmt: skip
+    p = _subprocess([*args, "--out", str(out)], {"ACCELERATE_USE_CPU": "true"}, launch)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "rank 1 of 2: shards written" in stdout  # a second rank ran, rank 0 wrote the manifest
+    assert _shards(out) == _shards(ref)
+    keys = [t["key"] for tiles in read_tiles(out).values() for t in tiles]
+    assert len(keys) == len(set(keys)) == sum(r["tiles"] for r in
+                                              json.loads((ref / "manifest.json").read_text())["slides"].values())  # fmt: skip
+    arr = tmp_path / "array"
+    for task in ("1", "0"):  # task 1 first: it finds task 0's shards missing and leaves
+        env = {
+            "SLURM_ARRAY_TASK_ID": task,
+            "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_COUNT": "2",
+        }
+        p = _subprocess([*args, "--out", str(arr)], env)
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        assert (arr / "manifest.json").is_file() == (task == "0")
+    assert _shards(arr) == _shards(ref)
+
+
+@pytest.mark.slow
+def test_kill_then_rerun_gives_the_shards_of_an_uninterrupted_run(big_cohort, tmp_path):
+    import signal
+    import time
+
+    args, ref = big_cohort
+    out = tmp_path / "out"
+    p = _subprocess([*args, "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".parts/*/.shardinfo/*.json")) and not list(out.glob("*.tar")):
+        assert p.poll() is None and time.monotonic() < deadline, "no part was written"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert not (out / "manifest.json").exists()
+    p = _subprocess([*args, "--out", str(out)])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "were finished by an earlier run: reused" in stderr or "shards reused" in stdout
+    assert _shards(out) == _shards(ref)
+    assert not (out / ".parts").exists()
+    assert shard.main(["--verify", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_read_tile_shards_unchanged(cohort, tmp_path):
+    from trainkit import TINY, train_cmd
+    from trainkit import run as run_train
+
+    from histodist import evaluate
+
+    d, _ = cohort
+    shards = tmp_path / "shards"
+    assert run("--dataset", "wsi", "--src", d / "slides", "--labels", d / "slides.csv", *FAST,
+               "--val-fraction", 0.2, "--test-fraction", 0, "--out", shards) == 0  # fmt: skip
+    flags = ["--shards", str(shards), "--runs-dir", str(tmp_path), "--run-name", "t",
+             "--wandb", "disabled", *TINY, "--epochs", "1"]  # fmt: skip
+    res = run_train(train_cmd(*flags))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert evaluate.main(["--run", str(tmp_path / "t"), "--split", "valid", "--workers", "0",
+                          "--bootstrap", "20", "--no-progress"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "t" / "eval-valid" / "metrics.json").read_text())
+    m = json.loads((shards / "manifest.json").read_text())
+    assert metrics["patch"]["n"] == m["splits"]["valid"]["num_samples"]
+    assert 0.0 <= metrics["patch"]["auc"] <= 1.0
