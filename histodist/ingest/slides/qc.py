@@ -47,7 +47,8 @@ def qc_picture(
     for i, (x, y, e) in enumerate(tiles):
         box = [x * s, y * s, (x + e) * s - 1, (y + e) * s - 1]
         fill = (*POSITIVE, 110) if positive is not None and positive[i] else None
-        draw.rectangle(box, outline=(*TILE, 200), fill=fill, width=1)
+        width = 2 if e * s >= 24 else 1  # thin lines where tiles are only a few pixels wide
+        draw.rectangle(box, outline=(*TILE, 220), fill=fill, width=width)
     pic = Image.alpha_composite(im.convert("RGBA"), overlay)
     pic.paste(Image.new("RGBA", pic.size, (*OUTLINE, 255)), mask=_outline(mask, pic.size))
     out = _with_caption(pic.convert("RGB"), caption)

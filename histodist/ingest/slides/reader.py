@@ -138,8 +138,10 @@ class OpenSlideSlide(Slide):
         self.mpp, self.mpp_source = _resolve_mpp(self.properties, assume_mpp)
 
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        rgba = np.asarray(self._s.read_region((x, y), level, (w, h)))
-        return composite_white(rgba)
+        im = self._s.read_region((x, y), level, (w, h))
+        if im.getchannel("A").getextrema() == (255, 255):  # inside the scan: no compositing
+            return np.asarray(im.convert("RGB"))
+        return composite_white(np.asarray(im))
 
     def close(self) -> None:
         self._s.close()
