@@ -278,18 +278,16 @@ def test_pack_keeps_slides_whole_and_splits_only_large_ones():
 
 
 def test_slide_failing_while_read_is_left_out_of_its_shard(tmp_path, pcam_jpeg):
-    """A level-0 tile whose compressed bytes are garbage: the survey (thumbnail from the 4x
-    level) passes, reading tiles from level 0 fails: the slide is left out whole, listed with
-    the reason, and the slide sharing its shard keeps all its tiles."""
-    import tifffile
-
+    """A level-0 tile whose compressed bytes are garbage: the survey (thumbnails from the 4x
+    level) passes, reading tiles from level 0 fails after 2 good tiles: the slide is left out
+    whole, listed with the reason, and the slide sharing its shard keeps all its tiles."""
     src = tmp_path / "slides"
     tissue = block(range(1, 3), range(1, 3))
-    for name in ("a", "b"):
-        make_slide(src / f"{name}.tif", pcam_jpeg, cols=4, rows=4, tissue=tissue)
+    for name in ("a", "b"):  # 16 cells wide: even the QC picture reads the 4x level
+        make_slide(src / f"{name}.tif", pcam_jpeg, cols=16, rows=4, tissue=tissue)
     with tifffile.TiffFile(src / "b.tif") as tf:
         page = tf.pages[0]
-        k = 1 * page.chunked[1] + 1  # the 256 px tile at (256, 256): planted tissue
+        k = 1 * page.chunked[1] + 2  # the TIFF tile at (512, 256): b's 3rd and 4th tiles
         offset, count = page.dataoffsets[k], page.databytecounts[k]
     with open(src / "b.tif", "r+b") as f:
         f.seek(offset + 2)
