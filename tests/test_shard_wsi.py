@@ -380,7 +380,8 @@ def test_kill_then_rerun_gives_the_shards_of_an_uninterrupted_run(big_cohort, tm
     p.send_signal(signal.SIGKILL)
     p.communicate()
     assert not (out / "manifest.json").exists()
-    p = _subprocess([*args, "--out", str(out)])
+    workers = args.index("--workers") + 1
+    p = _subprocess([*args[:workers], "2", *args[workers + 1 :], "--out", str(out)])
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     assert "were finished by an earlier run: reused" in stderr or "shards reused" in stdout

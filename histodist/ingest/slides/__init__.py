@@ -8,7 +8,9 @@ tiling.py       plan_tiles(): the tile grid at exact µm/px, level choice, tissu
 annotations.py  region annotations (GeoJSON, ASAP XML) -> per-tile annotated fractions
 qc.py           the per-slide QC picture (thumbnail, tissue outline, kept tiles)
 survey.py       one slide's metadata, checksum, tissue mask, tile plan and QC picture, cached
-ranks.py        which rank of a cluster tiles which shards; waiting for the others
+sharding.py     slides packed into shards, this rank's shards written in per-slide parts, the
+                manifest's slide records
+ranks.py        which rank of a cluster run this is (torchrun, accelerate, Slurm); sharing work
 
 The layout itself (labels, splits, the writer's reader) is histodist.ingest.sources.wsi.
 """
