@@ -36,7 +36,7 @@ from histodist.errors import UsageError
 from histodist.ingest.slides import annotations as ann
 from histodist.ingest.slides.reader import SlideError, open_slide, slide_files
 from histodist.ingest.slides.survey import SlideJob, TilingOptions, load_tiles, survey
-from histodist.ingest.slides.tiling import Tile, read_tiles
+from histodist.ingest.slides.tiling import Tile, geometry, read_tiles
 from histodist.ingest.sources import (
     Item,
     Payload,
@@ -349,8 +349,6 @@ class WsiReader(Reader):
         try:
             with open_slide(Path(self.root) / seg.source, backend=t.backend,
                             assume_mpp=t.assume_mpp) as slide:  # fmt: skip
-                from histodist.ingest.slides.tiling import geometry
-
                 g = geometry(slide, mpp=t.mpp, tile_size=t.tile_size)
                 tiles = [Tile(int(arrays["x"][i]), int(arrays["y"][i]), g.level, g.read_size,
                               g.extent, float(arrays["tissue"][i])) for i in range(start, stop)]  # fmt: skip
