@@ -461,6 +461,65 @@ def eval_transform(*, out_size: int, mean, std, crop: float = 1.0) -> Callable[[
     return transform
 
 
+# timm's interpolation names -> F.interpolate modes (both antialiased, as PIL's filters are)
+INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic"}
+CROP_MODES = ("center", "squash")  # timm's crop modes but "border" (padding)
+
+
+def resize_like_pil(x: Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> Tensor:
+    """float (B,C,H,W) in [0, 1] resized to `size` as PIL's Image.resize resizes 8-bit images
+    (what timm's and torchvision's transforms do to PIL images): an antialiased filter (torch's
+    antialiased bicubic is PIL's, a = -0.5) in two passes, each clamped to [0, 1] as PIL's
+    8-bit passes are, the width first unless the height shrinks by more than twice as many
+    pixels as the width (Pillow 13's order; older Pillow always starts with the width). One
+    2-D call without the clamp between the passes differs from PIL by up to 17/255 where
+    bicubic overshoots (edges of nuclei); this stays within about 1/255 of PIL (PIL's 8-bit
+    rounding) on real PCam patches (tests/test_hub.py)."""
+    mode = INTERPOLATIONS[interpolation]
+    (h, w), (oh, ow) = x.shape[-2:], size
+    passes = [(h, ow), (oh, ow)]
+    if h - oh > 0 and h - oh > 2 * (w - ow):
+        passes = [(oh, w), (oh, ow)]
+    for step in passes:
+        if tuple(x.shape[-2:]) != step:
+            x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 1.0)
+    return x
+
+
+def pretrained_transform(
+    *, input_size: int, mean, std, interpolation: str = "bicubic", crop_pct: float = 1.0,
+    crop_mode: str = "center",
+) -> Callable[[Tensor], Tensor]:  # fmt: skip
+    """uint8 or float (B,C,H,W) -> float32 normalised (B,C,input_size,input_size), as timm's
+    eval transform (`create_transform(**resolve_data_config(model=m))`, a model's own
+    preprocessing) maps a PIL image, on the device on whole batches: resize to
+    floor(input_size / crop_pct) (`center`: the shorter side, aspect kept; `squash`: both
+    sides) with `interpolation`, centre crop input_size, normalise. Deterministic."""
+    if interpolation not in INTERPOLATIONS:
+        raise AugmentError(f"--interpolation {interpolation!r}: use one of {list(INTERPOLATIONS)}")
+    if crop_mode not in CROP_MODES:
+        raise AugmentError(f"--crop-mode {crop_mode!r}: use one of {list(CROP_MODES)}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise AugmentError(f"--crop-pct {crop_pct}: must be in (0, 1]")
+    scale = math.floor(input_size / crop_pct)
+
+    def transform(x: Tensor) -> Tensor:
+        x = to_float(x)
+        h, w = x.shape[-2:]
+        if crop_mode == "squash" or h == w:
+            size = (scale, scale)
+        else:  # torchvision's Resize(int): the shorter side to scale, the longer in proportion
+            size = (scale, int(scale * w / h)) if h < w else (int(scale * h / w), scale)
+        x = resize_like_pil(x, size, interpolation)
+        # torchvision's CenterCrop rounds the offsets (not floor, as centre_crop does)
+        top, left = (int(round((n - input_size) / 2.0)) for n in size)
+        x = x[..., top : top + input_size, left : left + input_size]
+        return normalize(x, mean, std)
+
+    return transform
+
+
 def save_grid(x: Tensor, path, *, nrow: int = 8, mean=None, std=None) -> Path:
     """Write a PNG grid of a batch (uint8, float [0, 1], or normalised float with mean/std
     given to undo it); written to a temporary file, then renamed. Returns the path."""

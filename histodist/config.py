@@ -167,8 +167,8 @@ class ModelConfig:
     family: str = opt(
         "auto",
         "known foundation-model family whose timm arguments and pooling to use (uni, uni2-h, "
-        "virchow, virchow2, h-optimus-0, h-optimus-1, prov-gigapath); auto = by hub id, "
-        "none = the config.json alone; name it for a local-dir: copy",
+        "virchow, virchow2, h-optimus-0, h-optimus-1, prov-gigapath); auto = by hub id or "
+        "recognised from a copy's config.json, none = the config.json alone",
     )
     finetune: str = opt(
         "full",

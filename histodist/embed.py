@@ -44,12 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="image shard folder or URL base")
     p.add_argument("--out", required=True, help="output folder of the embedding shards")
     p.add_argument("--split", nargs="+", help="splits to embed (default: all)")
-    p.add_argument("--family", default="auto", help="known model family of a local-dir: copy")
+    p.add_argument("--family", default="auto", help="known model family (auto: by hub id or "
+                   "recognised from a copy's config.json; none: config.json alone)")  # fmt: skip
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="load pretrained weights (default: yes for hub models, no for timm "
                    "names, which then embed with random weights seeded by --seed)")  # fmt: skip
     p.add_argument("--weights", help="local weights file loaded into the backbone")
     p.add_argument("--image-size", type=int, default=0, help="input size (0: the model's)")
+    p.add_argument("--interpolation", choices=("bilinear", "bicubic"),
+                   help="resize filter (default: the model's pretrained config)")  # fmt: skip
+    p.add_argument("--crop-pct", type=float, help="resize to input size / this, then centre "
+                   "crop the input size (default: the model's pretrained config)")  # fmt: skip
+    p.add_argument("--crop-mode", choices=("center", "squash"), help="center: resize the shorter "
+                   "side, keep the aspect; squash: both sides (default: the model's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: inline)")
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
@@ -71,27 +78,36 @@ def load_backbone(args) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def preprocessing(model: torch.nn.Module, image_size: int = 0) -> dict:
-    """What the images go through: resize (bilinear, antialias) to the model's input size,
-    scale to [0, 1], normalise with the model's mean/std."""
-    pc = getattr(model, "pretrained_cfg", None) or {}
-    size = image_size or int(pc.get("input_size", (3, 224, 224))[-1])
-    mean, std = pc.get("mean", hub.IMAGENET[0]), pc.get("std", hub.IMAGENET[1])
-    return {"input_size": size, "resize": "bilinear-antialias", "crop": 1.0,
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # fmt: skip
+def preprocessing(model: torch.nn.Module, args) -> dict:
+    """The model's own eval preprocessing, as timm resolves it from its pretrained config
+    (`resolve_data_config`: input size, interpolation, crop_pct, crop_mode, mean, std; KNOWN
+    families add their model card's), each overridden by its flag when given. Keys as timm's
+    data config, so `timm.data.create_transform(**p)` builds the same transform for PIL
+    images; histodist.augment.pretrained_transform runs it on the device."""
+    from timm.data import resolve_data_config
+
+    size = args.image_size or None
+    flags = {"input_size": (3, size, size) if size else None, "interpolation": args.interpolation,
+             "crop_pct": args.crop_pct, "crop_mode": args.crop_mode}  # fmt: skip
+    given = {k: v for k, v in flags.items() if v is not None}
+    cfg = {**resolve_data_config(given, model=model), **given}  # checked by pretrained_transform
+    return {"input_size": int(cfg["input_size"][-1]), "interpolation": cfg["interpolation"],
+            "crop_pct": float(cfg["crop_pct"]), "crop_mode": cfg["crop_mode"],
+            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}  # fmt: skip
 
 
 def source_info(name: str) -> dict:
-    """Where the weights came from: hub id and revision (commit of the cached snapshot),
-    local folder, or a timm name."""
+    """Where the weights came from: hub id and revision (the commit of the snapshot used: the
+    one `@REVISION` names, else main's), local folder, or a timm name."""
     name = hub.resolve(name)
     if name.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
-        repo = name.split(":", 1)[1]
+        repo, rev = hub.hub_id(name)
         with hub.hub_errors(name):
-            path = Path(hf_hub_download(repo.split("@")[0], "config.json"))
-        return {"source": "hf-hub", "repo": repo, "revision": path.parent.name}
+            path = Path(hf_hub_download(repo, "config.json", revision=rev))
+        pinned = {"requested_revision": rev} if rev else {}
+        return {"source": "hf-hub", "repo": repo, "revision": path.parent.name, **pinned}
     if name.startswith("local-dir:"):
         return {"source": "local-dir", "path": str(Path(name.split(":", 1)[1]).resolve())}
     return {"source": "timm", "name": name}
@@ -99,11 +115,12 @@ def source_info(name: str) -> dict:
 
 def describe(model: torch.nn.Module, args) -> dict:
     """The identity of the embeddings: model name, source, weights sha256, preprocessing, dim."""
-    pre = preprocessing(model, args.image_size)
-    probe = torch.zeros(1, 3, pre["input_size"], pre["input_size"])
+    pre = preprocessing(model, args)
+    probe = torch.zeros(2, 3, pre["input_size"], pre["input_size"])
     with torch.no_grad():
-        dim = int(features(model, probe).shape[1])
+        dim = int(features(model, probe, args.model).shape[1])  # one vector per image, or refused
     return {"model": args.model, **source_info(args.model),
+            "family": hub.family_key(args.model, args.family) if hub.is_hub(args.model) else None,
             "weights_sha256": hub.weights_sha256(model), "preprocessing": pre, "dim": dim}  # fmt: skip
 
 
@@ -136,7 +153,7 @@ def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, 
             for batch in loader:
                 x = transform(batch["image"].to(acc.device, non_blocking=True))
                 with acc.autocast():
-                    feats = features(model, x).float().cpu().numpy()
+                    feats = features(model, x, args.model).float().cpu().numpy()
                 for key, label, group, vec in zip(batch["key"], batch["label"].tolist(),
                                                   batch["group"], feats, strict=True):  # fmt: skip
                     _member(tar, f"{key}.{embeddings.MEMBER}", embeddings.encode(vec))
@@ -225,7 +242,7 @@ def previous_splits(out: Path, identity: dict) -> list[str]:
 def run(args) -> int:
     from accelerate import Accelerator
 
-    from histodist.augment import eval_transform
+    from histodist.augment import pretrained_transform
 
     acc = Accelerator(mixed_precision=args.precision)
     manifest = data.load_manifest(args.shards)
@@ -238,7 +255,7 @@ def run(args) -> int:
     model.to(acc.device)
     size = pre["input_size"]
     args.load_size = None if manifest.get("image") else (size, size)
-    transform = eval_transform(out_size=size, mean=pre["mean"], std=pre["std"])
+    transform = pretrained_transform(**pre)
     out = Path(args.out)
     (out / INFO_DIR).mkdir(parents=True, exist_ok=True)
     t0, total = time.perf_counter(), {"embedded": 0, "reused": 0}

@@ -27,7 +27,7 @@ from torch import nn
 from histodist import hub
 from histodist.config import ConfigError, ModelConfig
 from histodist.data.embeddings import HEADS
-from histodist.errors import HistodistError
+from histodist.errors import HistodistError, UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +35,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class WeightsError(HistodistError, ValueError):
     """A --weights file that cannot be read or matches nothing in the model."""
+
+
+class FeatureError(UsageError, ValueError):
+    """A model whose pooled features are not one vector per image."""
 
 
 def _timm(
@@ -263,12 +267,22 @@ def last_blocks_parameters(model: nn.Module, k: int, name: str = "model") -> lis
     return params
 
 
-def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def features(model: nn.Module, x: torch.Tensor, name: str = "the model") -> torch.Tensor:
     """Pooled features float (B, D) of a timm model (or ClsMeanPool) built with
-    num_classes=0: what a linear probe sees."""
+    num_classes=0: what a linear probe sees. Anything but one vector per image (a model that
+    does not pool: (B, tokens, D) or (B, D, H, W)) raises FeatureError naming `name`."""
     if hasattr(model, "forward_head"):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    return model(x)
+        out = model.forward_head(model.forward_features(x), pre_logits=True)
+    else:
+        out = model(x)
+    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+        raise FeatureError(
+            f"{name}: its pooled features have shape {tuple(out.shape)} for {x.shape[0]} "
+            "images, not one vector per image (B, D): the model does not pool (timm's "
+            'global_pool ""); build it with a pooling (--family for a known model, or '
+            'global_pool "token" / "avg" in its config.json)'
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- weights

@@ -32,6 +32,19 @@ FAMILIES = {
         None,
         None,
     ),  # fmt: skip
+    "virchow": (
+        "vit_huge_patch14_224",
+        {
+            **TINY_ARGS,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        None,
+        None,
+    ),  # fmt: skip
+    "prov-gigapath": ("vit_giant_patch14_dinov2", {**TINY_ARGS, "init_values": 1e-5}, None, None),
     "h-optimus-0": (
         "vit_giant_patch14_reg4_dinov2",
         {**TINY_ARGS, "init_values": 1e-5, "num_classes": 0},
@@ -69,14 +82,18 @@ def save_hub_folder(out: Path, family: str, *, seed: int = 0) -> Path:
     return out
 
 
-def hf_cache(cache: Path, repo: str, folder: Path, revision: str = "0" * 40) -> Path:
+def hf_cache(
+    cache: Path, repo: str, folder: Path, revision: str = "0" * 40, ref: str | None = "main"
+) -> Path:
     """Lay `folder` out as the Hugging Face cache holds `repo` (HF_HUB_CACHE=cache):
-    models--ORG--NAME/refs/main and snapshots/<revision>/<files>."""
+    snapshots/<revision>/<files>, and refs/<ref> naming it (ref None: no ref, a snapshot
+    reachable only by its commit, as `@REVISION` fetches one)."""
     root = cache / ("models--" + repo.replace("/", "--"))
     snap = root / "snapshots" / revision
     snap.mkdir(parents=True, exist_ok=True)
     for f in folder.iterdir():
         shutil.copy(f, snap / f.name)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(revision)
+    if ref:
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / ref).write_text(revision)
     return root
