@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -434,13 +435,40 @@ def _base_type(tp: Any) -> type:
     return tp
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose true/false flags also take a value: `--resume=true`,
+    `--channels-last=False` (the form a W&B sweep agent passes every parameter in) are read as
+    `--resume` and `--no-channels-last`."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._bool_value(a) for a in args], namespace)
+
+    def _bool_value(self, arg: str) -> str:
+        flag, eq, value = arg.partition("=")
+        if not eq or not any(
+            isinstance(a, argparse.BooleanOptionalAction) and flag in a.option_strings
+            and not flag.startswith("--no-") for a in self._actions
+        ):  # fmt: skip
+            return arg
+        if value.lower() in TRUE_WORDS:
+            return flag
+        if value.lower() in FALSE_WORDS:
+            return "--no-" + flag[2:]
+        self.error(f"{arg}: {flag} takes true or false (or {flag} / --no-{flag[2:]})")
+
+
 def build_parser(
     prog: str = "histodist.train", description: str | None = None
 ) -> argparse.ArgumentParser:
     """One flag per config field, grouped by section; defaults are SUPPRESSed so that only
     flags given on the command line override the preset and YAML layers. Other commands
-    (lr_find) add their own flags with a dest without a dot."""
-    p = argparse.ArgumentParser(
+    (lr_find) add their own flags with a dest without a dot. True/false flags take
+    `--flag`, `--no-flag` and `--flag=true|false`."""
+    p = _Parser(
         prog=prog,
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
