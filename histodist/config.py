@@ -344,6 +344,12 @@ class LogConfig:
     log_images: bool = opt(
         True, "log a grid of augmented inputs, the ROC curve and confusion matrix"
     )
+    wandb_checkpoints: str = opt(
+        "none",
+        "at the end of training, log these checkpoints to W&B as a model artifact (weights, "
+        "meta.json, config.yaml, manifest.json; no optimizer state), aliased best / last",
+        choices=("none", "best", "last", "both"),
+    )
     progress: bool = opt(True, "tqdm progress bar on the main process")
 
     def __post_init__(self) -> None:
@@ -362,6 +368,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def flags(self) -> dict[str, Any]:
+        """Every field by its flag name without `--` ({"lr": 0.001, "batch-size": 128, ...}):
+        a run's W&B config, whose keys are then the names a W&B sweep's parameters take."""
+        return {
+            _flag(f.name)[2:]: getattr(getattr(self, section), f.name)
+            for section, cls in SECTIONS.items()
+            for f in fields(cls)
+        }
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()

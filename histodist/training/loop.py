@@ -337,10 +337,19 @@ def validate(p: Parts, st: State) -> dict[str, float]:
     else:
         st.stale += 1
     m["time_s"] = time.perf_counter() - t0
-    p.log.log({f"val/{k}": v for k, v in m.items()}, step=st.step)
+    p.log.log({**{f"val/{k}": v for k, v in m.items()}, **best_so_far(p, st)}, step=st.step)
     log_curves(p, probs, labels, st.step)
     save(p, st, improved=improved)
     return m
+
+
+def best_so_far(p: Parts, st: State) -> dict[str, float]:
+    """`best/<metric>` and `best/step` of the run so far (the columns a W&B runs table sorts
+    runs by; the last value is the run's best), and the epoch."""
+    out = {"epoch": epoch_now(p, st)}
+    if st.best is not None:
+        out.update({f"best/{p.cfg.train.metric}": st.best, "best/step": st.best_step})
+    return out
 
 
 def save(p: Parts, st: State, *, improved: bool) -> None:
