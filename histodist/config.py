@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -343,6 +344,12 @@ class LogConfig:
     log_images: bool = opt(
         True, "log a grid of augmented inputs, the ROC curve and confusion matrix"
     )
+    wandb_checkpoints: str = opt(
+        "none",
+        "at the end of training, log these checkpoints to W&B as a model artifact (weights, "
+        "meta.json, config.yaml, manifest.json; no optimizer state), aliased best / last",
+        choices=("none", "best", "last", "both"),
+    )
     progress: bool = opt(True, "tqdm progress bar on the main process")
 
     def __post_init__(self) -> None:
@@ -361,6 +368,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def flags(self) -> dict[str, Any]:
+        """Every field by its flag name without `--` ({"lr": 0.001, "batch-size": 128, ...}):
+        a run's W&B config, whose keys are then the names a W&B sweep's parameters take."""
+        return {
+            _flag(f.name)[2:]: getattr(getattr(self, section), f.name)
+            for section, cls in SECTIONS.items()
+            for f in fields(cls)
+        }
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -434,13 +450,40 @@ def _base_type(tp: Any) -> type:
     return tp
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose true/false flags also take a value: `--resume=true`,
+    `--channels-last=False` (the form a W&B sweep agent passes every parameter in) are read as
+    `--resume` and `--no-channels-last`."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._bool_value(a) for a in args], namespace)
+
+    def _bool_value(self, arg: str) -> str:
+        flag, eq, value = arg.partition("=")
+        if not eq or not any(
+            isinstance(a, argparse.BooleanOptionalAction) and flag in a.option_strings
+            and not flag.startswith("--no-") for a in self._actions
+        ):  # fmt: skip
+            return arg
+        if value.lower() in TRUE_WORDS:
+            return flag
+        if value.lower() in FALSE_WORDS:
+            return "--no-" + flag[2:]
+        self.error(f"{arg}: {flag} takes true or false (or {flag} / --no-{flag[2:]})")
+
+
 def build_parser(
     prog: str = "histodist.train", description: str | None = None
 ) -> argparse.ArgumentParser:
     """One flag per config field, grouped by section; defaults are SUPPRESSed so that only
     flags given on the command line override the preset and YAML layers. Other commands
-    (lr_find) add their own flags with a dest without a dot."""
-    p = argparse.ArgumentParser(
+    (lr_find) add their own flags with a dest without a dot. True/false flags take
+    `--flag`, `--no-flag` and `--flag=true|false`."""
+    p = _Parser(
         prog=prog,
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,

@@ -36,6 +36,12 @@ import torch
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
+# The direction in which each reported figure improves (W&B run summaries keep that extreme):
+# summary()'s figures and neg_loss rise, the losses and the calibration error fall.
+HIGHER_IS_BETTER = ("accuracy", "balanced_accuracy", "auc", "f1", "weighted_f1", "sensitivity",
+                    "specificity", "neg_loss")  # fmt: skip
+LOWER_IS_BETTER = ("loss", "nll", "ece")
+
 
 def as_tensors(probs: Array, labels: Array) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 (N, C), int64 (N,)) CPU tensors; raises ValueError on mismatched shapes."""

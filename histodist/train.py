@@ -78,6 +78,7 @@ def run(cfg: Config) -> int:
     p.preempt.install()
     try:
         reason = fit(p, st)
+        p.log.finish(reason, checkpoints=p.cfg.log.wandb_checkpoints)
     finally:
         p.preempt.uninstall()
         p.log.close()

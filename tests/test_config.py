@@ -183,3 +183,16 @@ def test_save_and_load_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(path) == cfg
     assert not list(path.parent.glob(".*tmp"))  # atomic write left no temp file
+
+
+def test_true_false_flags_take_a_value():
+    """`--flag=true|false` (how a W&B sweep agent passes booleans) as well as --flag / --no-flag."""
+    flags = ["--resume=true", "--channels-last=False", "--log-images=0", "--pretrained=YES"]
+    cfg = parse_args(flags)
+    assert cfg.train.resume and not cfg.model.channels_last and not cfg.log.log_images
+    assert cfg.model.pretrained is True
+    assert parse_args(["--no-resume", "--resume"]).train.resume  # the last one wins
+    assert not parse_args(["--resume", "--resume=false"]).train.resume
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--resume=maybe"])
+    assert e.value.code == 2

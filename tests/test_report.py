@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from wandbkit import read_run, wandb_file
 
 from histodist.inference import report
 
@@ -127,7 +128,9 @@ def test_log_wandb_offline_writes_a_run(tmp_path, monkeypatch):
     report.log_wandb("offline", project="histodist-test", entity=None, name="eval",
                      job_type="eval", metrics={"patch": {"auc": 0.9, "confusion": [[1]]}},
                      images={"reliability": png})  # fmt: skip
-    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    run = read_run(wandb_file(tmp_path))
+    assert run.name == "eval" and run.summary["patch/auc"] == 0.9
+    assert run.summary["reliability._type"] == "image-file"
     assert report.flatten({"patch": {"auc": 0.9, "at": {"t": 1}}, "x": [1]}) == {
         "patch/auc": 0.9,
         "patch/at/t": 1,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from trainkit import TINY, env, run, run_flags, train_cmd
+from wandbkit import read_run, wandb_file
 
 from histodist import train
 from histodist.config import load_config
@@ -60,7 +61,14 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
         "val/f1",
         "val/loss",
     } <= set(val[0])
-    assert list(wb.glob("wandb/offline-run-*/run-*.wandb"))
+    wrun = read_run(wandb_file(wb))  # what W&B holds: the same figures, config and best
+    assert wrun.name == "a" and wrun.config["model"] == "small-cnn" and wrun.config["epochs"] == 2
+    assert [h["train/loss"] for h in wrun.history if "train/loss" in h] == pytest.approx(
+        [x["train/loss"] for x in lines if "train/loss" in x]
+    )
+    assert wrun.summary["val/auc"]["last"] == pytest.approx(val[-1]["val/auc"])
+    assert wrun.summary["best/auc"] == pytest.approx(max(x["val/auc"] for x in val))
+    assert wrun.summary["stop_reason"] == "done" and wrun.exit_code == 0
     assert "epoch 2/2" in res.stderr + res.stdout
     model, cfg, meta = load_run_model(run_dir)
     assert cfg.model.model == "small-cnn" and meta["classes"] == ["0", "1"]

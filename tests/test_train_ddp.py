@@ -46,6 +46,9 @@ def test_two_processes(tmp_path, pcam_jpeg):
     # Valid shards of 16, 16, 8 give the ranks 24 and 16 samples: gathered with padding, trimmed.
     assert [x["val/num_samples"] for x in val] == [40, 40]
     assert (tmp_path / "runs/ddp/checkpoints/last/random_states_1.pkl").is_file()
+    windows = [x for x in lines if "train/loss" in x]  # the figures' max over the two ranks
+    assert windows and all(0 <= x["train/data_wait"] <= 1 for x in windows)
+    assert all(0.05 < x["train/peak_rss_gib"] < 64 for x in windows)
 
 
 def test_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, pcam_jpeg):

@@ -27,7 +27,9 @@ from histodist.training.loop import Parts, State
 from histodist.training.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
 from histodist.training.tracking import (
     RunLog,
+    record_config,
     resolve_wandb_mode,
+    sweep_run_id,
     wandb_available,
     wandb_init_kwargs,
 )
@@ -105,8 +107,11 @@ def complete_config(cfg: Config, manifest: dict) -> Config:
 
 
 def run_dir_for(cfg: Config) -> Path:
+    """runs_dir/<run name>; under a W&B sweep agent <run name>-<W&B run id>, so that each run
+    the agent starts with the same flags gets its own folder."""
     name = cfg.train.run_name or f"{cfg.data.dataset}-{hub.safe_name(cfg.model.model)}"
-    return Path(cfg.train.runs_dir) / name
+    swept = sweep_run_id()
+    return Path(cfg.train.runs_dir) / (f"{name}-{swept}" if swept else name)
 
 
 def prepare_run_dir(acc, cfg: Config, manifest: dict, note: str | None = None) -> Path:
@@ -206,11 +211,11 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     if mode != "disabled":
         acc.init_trackers(
             cfg.log.project,
-            config=cfg.to_dict(),
             init_kwargs=wandb_init_kwargs(run_dir, run_dir.name, mode, cfg.log.entity)
             if acc.is_main_process
             else {},
         )
+        record_config(acc, cfg.flags())
     return Parts(
         accelerator=acc,
         cfg=cfg,

@@ -23,6 +23,7 @@ from histodist import metrics
 from histodist.inference.core import tta_probs
 from histodist.training import checkpoint as ckpt
 from histodist.training.distributed import NonFinite, Preemption, agree, gather_varlen, step_seed
+from histodist.training.monitor import Monitor
 from histodist.training.tracking import RunLog
 
 
@@ -71,6 +72,7 @@ class Parts:
     valid_size: int = 0  # expected number of validation samples (manifest)
     nonfinite: NonFinite | None = None  # device-side count of skipped updates (optimizer_step)
     config_note: str | None = None  # leading comment of config.yaml (the precision chosen and why)
+    monitor: Monitor = field(default_factory=Monitor)  # data wait and peak memory per log line
 
 
 class StopTraining(Exception):
@@ -101,7 +103,7 @@ def train_one_epoch(p: Parts, st: State) -> None:
     per_batch = cfg.optim.batch_size * acc.num_processes  # samples per micro-batch, all ranks
     bar = _bar(p, stop, skip, f"epoch {st.epoch + 1}/{cfg.train.epochs}")
     window = Window()
-    batches = enumerate(p.train_loader)
+    batches = enumerate(p.monitor.batches(p.train_loader, acc.device))
     if stop < n:  # stop early without fetching (and recording) a batch past `stop`
         batches = itertools.islice(batches, stop)
     for i, batch in batches:
@@ -237,7 +239,9 @@ def after_step(p: Parts, st: State, window: Window, bar) -> None:
         log_train(p, st, window, bar)
         check_health(p, st)
     if cfg.train.eval_every and st.step % cfg.train.eval_every == 0:
+        t0 = time.perf_counter()
         validate(p, st)
+        window.t0 += time.perf_counter() - t0  # the next log line times training alone
     elif cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
         save(p, st, improved=False)
 
@@ -253,11 +257,17 @@ def log_train(p: Parts, st: State, window: Window, bar) -> None:
         "train/lr": max(g["lr"] for g in p.optimizer.param_groups),
         "train/img_per_s": per_rank * acc.num_processes,
         "train/img_per_s_per_device": per_rank,
-        "epoch": st.epoch + st.batch_in_epoch / max(1, len(p.train_loader)),
+        "epoch": epoch_now(p, st),
+        **p.monitor.window(acc, dt),
     }
     p.log.log(values, step=st.step)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['train/img_per_s']:.0f}")
     window.t0, window.images, window.since_log = time.perf_counter(), 0, []
+
+
+def epoch_now(p: Parts, st: State) -> float:
+    """Epochs trained, fractional within an epoch (the x axis a dashboard compares runs on)."""
+    return st.epoch + st.batch_in_epoch / max(1, len(p.train_loader))
 
 
 def _bar(p: Parts, total: int, initial: int, desc: str):
@@ -327,10 +337,19 @@ def validate(p: Parts, st: State) -> dict[str, float]:
     else:
         st.stale += 1
     m["time_s"] = time.perf_counter() - t0
-    p.log.log({f"val/{k}": v for k, v in m.items()}, step=st.step)
+    p.log.log({**{f"val/{k}": v for k, v in m.items()}, **best_so_far(p, st)}, step=st.step)
     log_curves(p, probs, labels, st.step)
     save(p, st, improved=improved)
     return m
+
+
+def best_so_far(p: Parts, st: State) -> dict[str, float]:
+    """`best/<metric>` and `best/step` of the run so far (the columns a W&B runs table sorts
+    runs by; the last value is the run's best), and the epoch."""
+    out = {"epoch": epoch_now(p, st)}
+    if st.best is not None:
+        out.update({f"best/{p.cfg.train.metric}": st.best, "best/step": st.best_step})
+    return out
 
 
 def save(p: Parts, st: State, *, improved: bool) -> None:
