@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from histodist import evaluate, mil, train
+from histodist import evaluate, explain, export, mil, predict, train
 from histodist.bench.mil import planted_slides, score_head, write_bag_set
 from histodist.config import parse_args
 from histodist.data import bags
@@ -238,6 +238,39 @@ def test_interrupted_mil_run_resumes_to_the_same_weights(tmp_path):
     wb = load_file(str(tmp_path / "b/checkpoints/last/model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((tmp_path / "b/checkpoints/last/meta.json").read_text())["step"] == 12
+
+    # the run folder serves predict (one row per slide) and a weights export; Grad-CAM and
+    # fixed-shape graphs are refused in one line
+    run_dir, out = str(tmp_path / "a"), tmp_path / "pred.csv"
+    assert predict.main(["--run", run_dir, "--input", str(tmp_path / "bags"), "--split",
+                         "valid", "--out", str(out), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    assert len(out.read_text().splitlines()) == 1 + 4
+    assert export.main(["--run", run_dir, "--format", "safetensors"]) == 0
+    side = json.loads((tmp_path / "a/export/model.safetensors.json").read_text())
+    assert side["input"]["shape"] == [1, "tiles", DIM]
+    assert export.main(["--run", run_dir, "--format", "onnx"]) == 2
+    assert explain.main(["--run", run_dir, "--no-progress"]) == 2
+
+
+def test_mil_runs_refuse_what_a_bag_cannot_take(tiny_pcam_shards, tmp_path, capsys):
+    kw = dict(dim=DIM, tiles=(3, 5), planted=(1, 1), shift=3.0)
+    m = write_bag_set(tmp_path / "bags", {"train": planted_slides(4, seed=0, **kw),
+                                          "valid": planted_slides(2, seed=1, prefix="v", **kw)})  # fmt: skip
+    cases = [
+        (tiny_pcam_shards, [], "embed them first"),
+        (tmp_path / "bags", ["--batch-size", "8"], "--accum-steps"),
+        (tmp_path / "bags", ["--val-tta", "8"], "no views"),
+        (tmp_path / "bags", ["--class-balance", "sampler"], "--class-balance loss"),
+    ]
+    del m["slides"]
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat/manifest.json").write_text(json.dumps(m))
+    cases.append((tmp_path / "flat", [], "no per-slide index"))
+    for shards, more, why in cases:
+        assert train.main(_flags(shards, tmp_path, "x", "--model", "abmil", *more)) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("histodist.train: error:") and why in last, last
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- heatmaps
