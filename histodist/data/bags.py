@@ -10,7 +10,7 @@ manifest, per slide, where its tiles are:
 `start` is the index of the slide's first tile in that shard and `count` its tiles there;
 `offset` and `bytes` the byte range of its tar members, so a local (or cached) shard gives a
 slide's tiles in one seek and one read, indexed in memory (tarstream.locate) and gathered
-into one array: ~10x faster than a sample-by-sample stream (docs/mil.md has the figures).
+into one array: 3.5-9x faster than a sample-by-sample stream (docs/mil.md has the figures).
 Streams that cannot seek pass over the first `start` samples. A slide's label is the
 tiler's (`slides[...].label`), else the one its tiles' classes give (label_source "tiles").
 

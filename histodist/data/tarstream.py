@@ -123,8 +123,8 @@ def locate(buf: bytes, suffixes: tuple[str, ...]) -> dict[str, list[tuple[int, i
     checksums read as arrays) and accepted only when they chain exactly (each header followed
     by its content's blocks, then the next header, to the end); any other tar (pax headers,
     GNU long names, pre-POSIX headers, or a payload block that looks like a header) goes
-    through `members`. A 10,000-tile bag's 30,000 members cost ~1 ms this way against
-    ~150 ms in the Python loop (docs/mil.md)."""
+    through `members`. The 30,000 members of a 10,000-tile bag (51 MB) are located in 43 ms
+    this way against 136 ms in the Python walk (2 CPU cores; docs/mil.md)."""
     found = _locate_blocks(buf, suffixes)
     if found is not None:
         return found
