@@ -7,7 +7,8 @@
 Writes metrics.json, predictions.csv, roc.png, confusion.png and reliability.png into
 runs/NAME/eval-<split>/ (eval-input-<name>/ for --input), prints a short table and logs the
 same to W&B when enabled. Every rank predicts a disjoint part; the main process scores the
-gathered set, which holds every sample exactly once.
+gathered set, which holds every sample exactly once. A MIL head's run is scored per slide
+(metrics.json's "slide" report, one CSV row per slide) and per patient where known.
 """
 
 from __future__ import annotations
