@@ -71,8 +71,8 @@ def tile_shards(out: Path, pcam_jpeg: Path, slides: list[TileSlide], per_shard: 
                     parts[-1]["count"] += 1
                 else:
                     parts.append({"name": name, "start": k, "count": 1})
-        labels = [it.label for _, it in rows]
-        splits[split] = {"num_samples": len(rows), "num_groups": len({s.patient or s.id for s in slides if s.split == split}),
+        labels, groups = [it.label for _, it in rows], {it.group for _, it in rows}
+        splits[split] = {"num_samples": len(rows), "num_groups": len(groups),
                          "class_counts": [labels.count(0), labels.count(1)], "shards": shards}  # fmt: skip
     manifest = {
         "format": "histodist-shards/1", "dataset": "synthetic-slides", "layout": "wsi",

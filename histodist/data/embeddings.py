@@ -24,10 +24,11 @@ from histodist.config import ConfigError
 MEMBER = "emb.npy"
 KIND = "embeddings"
 HEADS = ("linear", "mlp")
-# The tile JSON fields of the whole-slide tiler's shards (docs/shards.md) that an embedding
-# keeps: the slide, the top-left corner and side in level-0 pixels, the level read, the µm/px
-# and the tissue fraction; heatmaps and bags need nothing else.
-TILE_FIELDS = ("slide", "x", "y", "level", "mpp", "tissue", "extent")
+# The tile JSON fields of the whole-slide tiler's shards that an embedding keeps when the tile
+# has them: the slide, the top-left corner and side in level-0 pixels, the level read, the
+# µm/px, the tissue fraction, and the annotated fraction (slides with region annotations: what
+# a head's attention can be checked against); heatmaps and bags need nothing else.
+TILE_FIELDS = ("slide", "x", "y", "level", "mpp", "tissue", "extent", "annotated")
 _HEADER = re.compile(rb"\{'descr': '<f2', 'fortran_order': False, 'shape': \((\d+),\), \}")
 
 

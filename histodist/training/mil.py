@@ -53,7 +53,8 @@ def loaders(acc, cfg: Config, manifest: dict):
     common = dict(rank=acc.process_index, world_size=acc.num_processes, workers=d.workers,
                   cache_dir=d.cache_dir, manifest=manifest)  # fmt: skip
     train = bags.bag_loader(d.shards, d.train_split, train=True, seed=cfg.train.seed,
-                            max_tiles=d.max_tiles, accum_steps=cfg.optim.accum_steps, **common)  # fmt: skip
+                            max_tiles=d.max_tiles, accum_steps=cfg.optim.accum_steps,
+                            **common)  # fmt: skip
     valid = bags.bag_loader(d.shards, d.valid_split, train=False, **common)
     acc.print(f"data: {d.train_split}: {train.describe()}")
     return train, valid
