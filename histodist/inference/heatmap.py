@@ -16,6 +16,7 @@ beneath, each with its score and position. numpy in, PNG out (matplotlib's Agg b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from histodist.inference.report import figure, save_figure
 
 SCALES = {"rank": "percentile of the slide's tiles", "minmax": "min-max scaled", "none": None}
+PER_ROW = 8  # top tiles per row beneath the heatmap
 
 
 def scaled(scores: np.ndarray, scale: str = "rank") -> np.ndarray:
@@ -102,15 +104,16 @@ def save_heatmap(
     best = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:top]
     rows = 2 if read_tile is not None and len(best) else 1
     aspect = thumb.shape[0] / thumb.shape[1]
-    strip = 12 / max(len(best), 6) + 0.4  # height of the row of tiles, their titles included
-    fig = plt.figure(figsize=(12, 5.6 * aspect + (strip if rows == 2 else 0) + 0.5),
-                     layout="constrained")  # fmt: skip
-    grid = fig.add_gridspec(rows, 1, height_ratios=[5.6 * aspect, strip][:rows])
-    top_row = grid[0].subgridspec(1, 3, width_ratios=[1, 1, 0.04])
-    ax = fig.add_subplot(top_row[0])
+    # the tiles beneath: rows of up to PER_ROW, each 12 / PER_ROW inches and its titles tall
+    strip = math.ceil(len(best) / PER_ROW) * (12 / max(min(len(best), PER_ROW), 6) + 0.45)
+    height = 5.6 * aspect + 0.6
+    fig = plt.figure(figsize=(12, height + (strip if rows == 2 else 0)), layout="constrained")
+    parts = fig.subfigures(rows, 1, height_ratios=[height, strip][:rows]) if rows == 2 else [fig]
+    top_row = parts[0].add_gridspec(1, 3, width_ratios=[1, 1, 0.04])
+    ax = parts[0].add_subplot(top_row[0])
     ax.imshow(thumb)
     ax.set_title("slide", fontsize=10)
-    ax2 = fig.add_subplot(top_row[1], sharex=ax, sharey=ax)
+    ax2 = parts[0].add_subplot(top_row[1], sharex=ax, sharey=ax)
     ax2.imshow(overlay(thumb, heat, cmap=cmap))
     _number_tiles(ax2, thumb.shape[:2], coords, extents, best, level0_size)
     ax2.set_title(f"{label} ({SCALES[scale]})" if SCALES[scale] else label, fontsize=10)
@@ -119,10 +122,10 @@ def save_heatmap(
     import matplotlib
 
     mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap=cmap)
-    bar = fig.colorbar(mappable, cax=fig.add_subplot(top_row[2]))
+    bar = fig.colorbar(mappable, cax=parts[0].add_subplot(top_row[2]))
     bar.set_label(f"{label} percentile" if scale == "rank" else label, fontsize=9)
     if rows == 2:
-        _tile_row(fig, grid[1], best, read_tile, scores, coords)
+        _tile_row(parts[1], best, read_tile, scores, coords)
     if title:
         fig.suptitle(title, fontsize=12)
     out = save_figure(fig, path)
@@ -146,11 +149,13 @@ def _number_tiles(ax, shape, coords, extents, best, level0_size) -> None:
                 fontsize=7, ha="center", va="center", fontweight="bold", path_effects=halo)  # fmt: skip
 
 
-def _tile_row(fig, cell, best, read_tile, scores, coords) -> None:
-    """The highest-scored tiles side by side, titled with rank, score and position."""
-    row = cell.subgridspec(1, len(best), wspace=0.08)
+def _tile_row(fig, best, read_tile, scores, coords) -> None:
+    """The highest-scored tiles in rows of PER_ROW (at least 6 columns, so that a few tiles
+    are not drawn huge), titled with rank, score and position."""
+    cols = max(min(len(best), PER_ROW), 6)
+    grid = fig.add_gridspec(math.ceil(len(best) / PER_ROW), cols)
     for k, i in enumerate(best):
-        ax = fig.add_subplot(row[k])
+        ax = fig.add_subplot(grid[k // cols, k % cols])
         ax.imshow(read_tile(int(i)))
         ax.set_xticks([]), ax.set_yticks([])
         x, y = coords[i]
