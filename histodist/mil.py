@@ -171,8 +171,9 @@ class Attention(nn.Module):
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) -> float32 (B, T): softmax(q_0 k^T / sqrt(d)), mean over the heads."""
         q, k, _ = self._qkv(x)
-        logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        return logits.softmax(-1).mean(1)[:, 0]
+        with torch.autocast(x.device.type, enabled=False):  # scores in float32
+            logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            return logits.softmax(-1).mean(1)[:, 0]
 
 
 class TransLayer(nn.Module):

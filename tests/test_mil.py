@@ -45,6 +45,15 @@ def test_heads_give_slide_logits_and_a_score_per_tile(name):
             assert out.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("name", mil.MIL_HEADS)
+def test_tile_scores_stay_float32_under_mixed_precision(name):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _head(name).bag(_bag(40).half())
+    assert out.scores.dtype == torch.float32
+    if name not in ("mean", "max"):
+        assert out.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
 @pytest.mark.parametrize("name", ["abmil", "clam-sb", "mean", "max"])
 def test_pooling_heads_do_not_depend_on_the_order_of_the_tiles(name):
     head, x = _head(name), _bag(9)
