@@ -96,3 +96,27 @@ def test_embed_keeps_tile_positions_and_indexes_every_slide(tiles, tmp_path, cap
     assert embed.main(argv) == 0
     again = json.loads((emb / "manifest.json").read_text())
     assert again["slides"] == m["slides"] and again["throughput"]["reused"] == 39
+
+
+def test_a_slide_in_pieces_or_in_two_splits_is_refused():
+    import io
+
+    import numpy as np
+
+    from histodist.data.remote import ShardError
+
+    vec = np.zeros(4, np.float32)
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar:
+        w = embeddings.ShardWriter(tar, 2)
+        for key, slide in (("a0", "a"), ("a1", "a"), ("b0", "b"), ("a2", "a")):
+            if key == "a2":
+                with pytest.raises(ShardError, match="slide a are not consecutive"):
+                    w.add(key, vec, 1, {"slide": slide})
+            else:
+                w.add(key, vec, 1, {"slide": slide})
+    assert [(r["slide"], r["start"], r["count"]) for r in w.runs] == [("a", 0, 2), ("b", 2, 1)]
+    run = {**w.runs[0], "bytes": 1}
+    records = {"train": [{"name": "t.tar", "slides": [run]}],
+               "valid": [{"name": "v.tar", "slides": [run]}]}  # fmt: skip
+    with pytest.raises(ShardError, match="splits train and valid"):
+        bags.slide_index(records, {}, 2)

@@ -101,7 +101,7 @@ def tile_label(counts: list[int]) -> int | None:
 def slide_index(records: dict[str, list[dict]], src: dict, num_classes: int) -> dict:
     """The manifest's `slides` from the shard records of each split (in shard order; each
     record's "slides": embeddings.ShardWriter.runs) and the tile manifest's `slides` (`src`,
-    whose fields are kept). Raises EmbeddingError for a slide in two splits."""
+    whose fields are kept). Raises ShardError for a slide in two splits."""
     out: dict[str, dict] = {}
     counts: dict[str, list[int]] = {}
     for split, recs in records.items():
@@ -113,7 +113,7 @@ def slide_index(records: dict[str, list[dict]], src: dict, num_classes: int) -> 
                     out[sid] = {**keep, "split": split, "tiles": 0, "shards": []}
                     counts[sid] = [0] * num_classes
                 elif out[sid]["split"] != split:
-                    raise embeddings.EmbeddingError(
+                    raise ShardError(
                         f"slide {sid} has tiles in splits {out[sid]['split']} and {split}; "
                         "a slide's tiles must all lie in one split (re-shard the slides)"
                     )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from histodist.config import ConfigError
+from histodist.data.remote import ShardError
 
 MEMBER = "emb.npy"
 KIND = "embeddings"
@@ -128,7 +129,7 @@ class ShardWriter:
         last = self.runs[-1] if self.runs else None
         if last is None or last["slide"] != slide or last["start"] + last["count"] != self.count:
             if any(r["slide"] == slide for r in self.runs):
-                raise EmbeddingError(
+                raise ShardError(
                     f"tile {key}: the tiles of slide {slide} are not consecutive in their "
                     "shard; write each slide's tiles together (histodist.shard --dataset wsi)"
                 )
