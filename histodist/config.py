@@ -100,6 +100,11 @@ class DataConfig:
         "class-balanced resampling within each batch",
         choices=("none", "loss", "sampler"),
     )
+    max_tiles: int = opt(
+        0,
+        "MIL heads: tiles drawn from each slide's bag per training step, seeded by seed, "
+        "epoch and slide (0 = all); evaluation always uses every tile",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -109,7 +114,7 @@ class DataConfig:
         # --image-size 1 is refused by resolve_namespace.
         if self.image_size < 0 or 1 < self.image_size < MIN_IMAGE_SIZE:
             _bad_image_size(self.image_size)
-        _check_min(self, shuffle_buffer=0)
+        _check_min(self, shuffle_buffer=0, max_tiles=0)
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be >= 0")
 
@@ -158,7 +163,8 @@ class ModelConfig:
         "resnet18",
         "any timm model name, hf-hub:ORG/NAME, local-dir:PATH, a known pathology model "
         "(uni, virchow2, ...), an 'a+b' pair (xception41+nasnetalarge), resnet50-dense, "
-        "resnet152-dense, small-cnn, or linear / mlp (a head on embedding shards)",
+        "resnet152-dense, small-cnn, linear / mlp (a head on embedding shards), or a MIL "
+        "head on the slide bags of embedded slide tiles: abmil, clam-sb, transmil, mean, max",
     )
     pretrained: bool | None = opt(
         None,
@@ -184,6 +190,13 @@ class ModelConfig:
     embed_dim: int = opt(
         0, "input width of a linear/mlp head on embedding shards; 0 = the embedding manifest's"
     )
+    mil_dim: int = opt(
+        512, "MIL heads: width tiles are projected to (attention heads: attention width / 2)"
+    )
+    clam_k: int = opt(8, "clam-sb: most / least attended tiles pseudo-labelled per slide")
+    clam_bag_weight: float = opt(
+        0.7, "clam-sb: loss = w x slide loss + (1 - w) x instance clustering loss"
+    )
     weights: str | None = opt(
         None,
         "local weights: timm/torchvision state dict, .safetensors, "
@@ -199,6 +212,9 @@ class ModelConfig:
             raise ConfigError(f"--drop-rate {self.drop_rate}: must be in [0, 1)")
         if self.freeze_epochs < 0:
             raise ConfigError(f"--freeze-epochs {self.freeze_epochs}: must be >= 0")
+        _check_min(self, mil_dim=1, clam_k=1)
+        if not 0.0 <= self.clam_bag_weight <= 1.0:
+            raise ConfigError(f"--clam-bag-weight {self.clam_bag_weight}: must be in [0, 1]")
         _check_choices(self)
         if self.finetune == "last-k" and self.unfreeze_blocks < 1:
             raise ConfigError("--finetune last-k: pass --unfreeze-blocks K (K >= 1)")

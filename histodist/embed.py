@@ -8,14 +8,15 @@ vectors, histodist.data.embeddings), so rank r embeds shards r::world (the evalu
 every sample exactly once) and needs no gather. A shard is written under a temporary name and
 renamed when complete (histodist.fileio); its record in `.shardinfo/` names the weights, the preprocessing and the input
 shard's sha256, so a re-run skips every complete shard. The main process then writes the
-manifest (model, weights sha256, hub revision, preprocessing, dimension).
+manifest (model, weights sha256, hub revision, preprocessing, dimension, throughput).
+Tiles of whole slides keep their slide id and position, and the manifest lists where each
+slide's tiles are (`slides`, histodist.data.bags), so a MIL head reads a slide's bag directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import sys
 import tarfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from histodist import hub
-from histodist.data import embeddings
+from histodist.data import bags, embeddings
 from histodist.data import loader as data
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
@@ -34,7 +35,7 @@ from histodist.ingest.writer import INFO_DIR, finished_record
 from histodist.models import features
 from histodist.version import version_string
 
-WRITER_VERSION = 1  # bump when the bytes written for the same inputs change
+WRITER_VERSION = 2  # bump when the bytes written for the same inputs change (2: tile fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,38 +133,29 @@ def fingerprint(identity: dict, shard: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(payload), 0o444, 0  # reproducible bytes
-    tar.addfile(info, io.BytesIO(payload))
-
-
 @torch.no_grad()
-def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, args) -> int:
-    """Embed one input shard into `out_path` (temp name + rename); returns its sample count."""
+def embed_shard(acc, model, transform, url: str, expected: int, out_path: Path, args) -> list:
+    """Embed one input shard into `out_path` (temp name + rename); returns its slide runs
+    (embeddings.ShardWriter.runs; empty for shards of ordinary patches)."""
     loader = data.from_urls([url], batch_size=args.batch_size, rank=0, world_size=1,
                             num_samples=expected, train=False, workers=args.workers,
                             image_size=args.load_size)  # fmt: skip
-    n = 0
     with atomic_path(out_path) as tmp:  # no partial shard left on error
         with (
             open(tmp, "wb") as f,
             tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar,
         ):
+            out = embeddings.ShardWriter(tar, args.num_classes)
             for batch in loader:
                 x = transform(batch["image"].to(acc.device, non_blocking=True))
                 with acc.autocast():
                     feats = features(model, x, args.model).float().cpu().numpy()
-                for key, label, group, vec in zip(batch["key"], batch["label"].tolist(),
-                                                  batch["group"], feats, strict=True):  # fmt: skip
-                    _member(tar, f"{key}.{embeddings.MEMBER}", embeddings.encode(vec))
-                    if label >= 0:
-                        _member(tar, f"{key}.cls", str(label).encode())
-                    _member(tar, f"{key}.json", json.dumps({"group": group}).encode())
-                    n += 1
-        if n != expected:
-            raise data.ShardError(f"{url}: embedded {n} samples, manifest says {expected}")
-    return n
+                for key, label, meta, vec in zip(batch["key"], batch["label"].tolist(),
+                                                 batch["meta"], feats, strict=True):  # fmt: skip
+                    out.add(key, vec, label, embeddings.tile_meta(meta))
+        if out.count != expected:
+            raise data.ShardError(f"{url}: embedded {out.count} samples, manifest says {expected}")
+    return out.runs
 
 
 def _write_record(out: Path, name: str, rec: dict) -> None:
@@ -173,27 +165,30 @@ def _write_record(out: Path, name: str, rec: dict) -> None:
 # ----------------------------------------------------------------------------- the set
 def embed_split(acc, model, transform, manifest: dict, split: str, identity: dict, args) -> dict:
     """Embed this rank's shards (r::world) of `split`; complete shards are skipped.
-    Returns {"embedded": n, "reused": n} samples."""
-    out, counts = Path(args.out), {"embedded": 0, "reused": 0}
+    Returns {"embedded": n, "reused": n} samples and the "seconds" spent embedding."""
+    out, counts = Path(args.out), {"embedded": 0, "reused": 0, "seconds": 0.0}
     entries = manifest["splits"][split]["shards"]
     for e in data.split_by_rank(entries, acc.process_index, acc.num_processes):
         fp = fingerprint(identity, e)
         if finished_record(out, e["name"], fp) is not None:
             counts["reused"] += int(e["num_samples"])
             continue
-        url = data.join_url(args.shards, e["name"])
-        n = embed_shard(acc, model, transform, url, int(e["num_samples"]), out / e["name"], args)
+        url, n = data.join_url(args.shards, e["name"]), int(e["num_samples"])
+        t0 = time.perf_counter()
+        runs = embed_shard(acc, model, transform, url, n, out / e["name"], args)
+        counts["seconds"] += time.perf_counter() - t0
         path = out / e["name"]
         rec = {"name": e["name"], "num_samples": n, "bytes": path.stat().st_size,
-               "sha256": file_digest(path), "fingerprint": fp}  # fmt: skip
+               "sha256": file_digest(path), "fingerprint": fp, "slides": runs}  # fmt: skip
         _write_record(out, e["name"], rec)
         counts["embedded"] += n
     return counts
 
 
-def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
-    """The embedding set's manifest.json from the input manifest and the shard records."""
-    out, split_m = Path(args.out), {}
+def build_manifest(src: dict, splits: list[str], identity: dict, args, throughput=None) -> dict:
+    """The embedding set's manifest.json from the input manifest and the shard records
+    (`throughput`: this run's figures, see measure)."""
+    out, split_m, records = Path(args.out), {}, {}
     for split in splits:
         s = src["splits"][split]
         recs = []
@@ -202,8 +197,12 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
             if rec is None:
                 raise data.ShardError(f"{out / e['name']}: missing or incomplete; re-run embed")
             recs.append({k: rec[k] for k in ("name", "num_samples", "bytes", "sha256")})
+            records.setdefault(split, []).append(rec)
         split_m[split] = {**{k: v for k, v in s.items() if k != "shards"}, "shards": recs}
+    slides = bags.slide_index(records, src.get("slides") or {}, len(src["classes"]))
     blob = json.dumps(src, sort_keys=True).encode()
+    # the tiler's settings (µm/px, tile size) go with the slide index: heatmaps need them
+    extra = {"slides": slides, "tiling": src.get("tiling")} if slides else {}
     return {
         "format": src["format"],
         "kind": embeddings.KIND,
@@ -221,6 +220,8 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args) -> dict:
             "source_manifest_sha256": hashlib.sha256(blob).hexdigest(),
         },  # fmt: skip
         "splits": split_m,
+        **extra,
+        "throughput": throughput,
         "command": "python -m histodist.embed " + " ".join(sys.argv[1:]),
         "histodist_version": version_string(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -258,20 +259,39 @@ def run(args) -> int:
     transform = pretrained_transform(**pre)
     out = Path(args.out)
     (out / INFO_DIR).mkdir(parents=True, exist_ok=True)
-    t0, total = time.perf_counter(), {"embedded": 0, "reused": 0}
+    args.num_classes = len(manifest["classes"])
+    total = {"embedded": 0, "reused": 0, "seconds": 0.0}
     for split in splits:
         for k, v in embed_split(acc, model, transform, manifest, split, identity, args).items():
             total[k] += v
-    dt = time.perf_counter() - t0
+    dt = total["seconds"]
     print(f"rank {acc.process_index}: embedded {total['embedded']} samples "
           f"({total['embedded'] / max(dt, 1e-9):.1f} img/s), {total['reused']} reused")  # fmt: skip
+    speed = measure(acc, total)
     acc.wait_for_everyone()
     if acc.is_main_process:
         kept = [s for s in previous_splits(out, identity) if s not in splits]
-        m = build_manifest(manifest, splits + kept, identity, args)
+        m = build_manifest(manifest, splits + kept, identity, args, speed)
         atomic_write(out / "manifest.json", json.dumps(m, indent=1))
+        if speed["tiles_per_s"] is not None:
+            print(f"embedded {speed['tiles']} tiles in {speed['seconds']:.1f} s on "
+                  f"{speed['processes']} process(es): {speed['tiles_per_s']:.1f} tiles/s")  # fmt: skip
         print(f"{out}/manifest.json: {identity['dim']}-d float16 embeddings of {args.model}")
     return 0
+
+
+def measure(acc, total: dict) -> dict:
+    """This run's throughput over every rank (collective), the figure the manifest records:
+    the samples embedded (not reused) per second of the slowest rank's embedding time
+    (reading, decoding, the forward pass and writing its shards)."""
+    t = torch.tensor([[total["embedded"], total["reused"], total["seconds"]]],
+                     dtype=torch.float64, device=acc.device)  # fmt: skip
+    rows = (acc.gather(t) if acc.num_processes > 1 else t).tolist()
+    tiles, wall = int(sum(r[0] for r in rows)), max(r[2] for r in rows)
+    return {"tiles": tiles, "reused": int(sum(r[1] for r in rows)), "seconds": round(wall, 3),
+            "processes": acc.num_processes, "device": str(acc.device),
+            "precision": acc.mixed_precision,
+            "tiles_per_s": round(tiles / wall, 2) if tiles and wall > 0 else None}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

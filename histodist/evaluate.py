@@ -7,7 +7,8 @@
 Writes metrics.json, predictions.csv, roc.png, confusion.png and reliability.png into
 runs/NAME/eval-<split>/ (eval-input-<name>/ for --input), prints a short table and logs the
 same to W&B when enabled. Every rank predicts a disjoint part; the main process scores the
-gathered set, which holds every sample exactly once.
+gathered set, which holds every sample exactly once. A MIL head's run is scored per slide
+(metrics.json's "slide" report, one CSV row per slide) and per patient where known.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def youden_from_valid(acc, run: inference.Run, args, shards: str | None, split: 
     valid = run.cfg.data.valid_split
     if len(run.classes) != 2 or shards is None or split == valid:
         return None, "self"
-    done = run.run_dir / f"eval-{valid}" / "metrics.json"
+    done, level = run.run_dir / f"eval-{valid}" / "metrics.json", level_of(run)
     if done.is_file():
         m = json.loads(done.read_text())
         if m.get("checkpoint") == run.meta.get("step") and m.get("tta") == args.tta:
-            return m["patch"]["at_youden"]["threshold"], f"{valid} (eval-{valid}/metrics.json)"
+            return m[level]["at_youden"]["threshold"], f"{valid} (eval-{valid}/metrics.json)"
     from histodist.data.loader import load_manifest
 
     if valid not in load_manifest(shards).get("splits", {}):
@@ -82,14 +83,21 @@ def youden_from_valid(acc, run: inference.Run, args, shards: str | None, split: 
     return report.youden_threshold(preds.probs[ok, 1], preds.labels[ok]), valid
 
 
-def score(preds: inference.Predictions, classes, *, youden, n_boot: int, seed: int) -> dict:
-    """Patch-level report plus group-level (mean and max) reports where ids exist."""
+def level_of(run: inference.Run) -> str:
+    """What one prediction is: a slide (MIL heads) or a patch."""
+    return "slide" if run.is_bags else "patch"
+
+
+def score(preds: inference.Predictions, classes, *, youden, n_boot: int, seed: int,
+          level: str = "patch") -> dict:  # fmt: skip
+    """The report of each prediction (`level`: patch or slide) plus group-level (patient,
+    slide: mean and max) reports where ids exist."""
     ok = preds.valid
     if not ok.any():
         raise inference.InputError("no labelled, readable samples to score")
     kw = {"youden": youden, "n_boot": n_boot, "seed": seed}
     probs, labels = preds.probs[ok], preds.labels[ok]
-    out = {"patch": report.classification_report(probs, labels, classes, **kw)}
+    out = {level: report.classification_report(probs, labels, classes, **kw)}
     groups = [g for g, k in zip(preds.groups, ok, strict=True) if k]
     if any(g not in (None, "") for g in groups):
         for how in ("mean", "max"):
@@ -99,7 +107,7 @@ def score(preds: inference.Predictions, classes, *, youden, n_boot: int, seed: i
     return out
 
 
-def write_outputs(out: Path, metrics: dict, preds, classes) -> dict[str, Path]:
+def write_outputs(out: Path, metrics: dict, preds, classes, level: str = "patch") -> dict:
     """metrics.json, predictions.csv and the three figures; returns the figures."""
     ok = preds.valid
     probs, labels = preds.probs[ok], preds.labels[ok]
@@ -108,7 +116,7 @@ def write_outputs(out: Path, metrics: dict, preds, classes) -> dict[str, Path]:
     return {
         "roc": report.plot_roc(probs, labels, classes, out / "roc.png"),
         "confusion": report.plot_confusion(
-            metrics["patch"]["confusion"], classes, out / "confusion.png"
+            metrics[level]["confusion"], classes, out / "confusion.png"
         ),  # fmt: skip
         "reliability": report.plot_reliability(probs, labels, out / "reliability.png"),
     }
@@ -128,14 +136,20 @@ def _source(args, run: inference.Run) -> tuple[str | None, str | None, str]:
     return shards, split, f"eval-{split}"
 
 
-def _check_count(metrics: dict, shards: str, split: str) -> None:
-    """Record the manifest's sample count; warn when fewer were scored (decode errors, or
-    bad shards skipped)."""
+def _check_count(metrics: dict, shards: str, split: str, bags: bool = False) -> None:
+    """Record the manifest's sample (or slide) count; warn when fewer were scored (decode
+    errors, or bad shards skipped)."""
     import warnings
 
     from histodist.data.loader import load_manifest
 
-    expected = load_manifest(shards)["splits"][split]["num_samples"]
+    manifest = load_manifest(shards)
+    if bags:
+        from histodist.data.bags import slides
+
+        expected = len(slides(manifest, split, shards))
+    else:
+        expected = manifest["splits"][split]["num_samples"]
     metrics["expected_samples"] = expected
     if metrics["num_predictions"] != expected:
         warnings.warn(f"{shards}:{split}: scored {metrics['num_predictions']} of {expected} "
@@ -144,8 +158,10 @@ def _check_count(metrics: dict, shards: str, split: str) -> None:
 
 def _knn(run: inference.Run, args, shards: str | None, split: str | None) -> dict:
     """The k-NN probe's report (histodist.inference.knn), printed as a table too."""
-    if not run.manifest.get("embedding") or shards is None:
-        raise inference.InputError("--knn: needs a run trained on embedding shards and --shards")
+    if not run.manifest.get("embedding") or shards is None or run.is_bags:
+        raise inference.InputError(
+            "--knn: needs a run of a tile-level head (linear, mlp) on embedding shards and --shards"
+        )
     from histodist.inference.knn import knn_report
 
     rep = knn_report(run, shards, split, args.knn, n_boot=args.bootstrap, seed=args.seed)
@@ -165,7 +181,9 @@ def run_eval(args, acc) -> int:
     if not acc.is_main_process:
         return 0
     inference.warn_unreadable(preds)
-    metrics = score(preds, run.classes, youden=threshold, n_boot=args.bootstrap, seed=args.seed)
+    level = level_of(run)
+    metrics = score(preds, run.classes, youden=threshold, n_boot=args.bootstrap, seed=args.seed,
+                    level=level)  # fmt: skip
     metrics.update(
         checkpoint=run.meta.get("step"),
         which=args.checkpoint,
@@ -178,14 +196,14 @@ def run_eval(args, acc) -> int:
         precision=choice.precision,
     )
     if shards is not None:
-        _check_count(metrics, shards, split)
+        _check_count(metrics, shards, split, bags=run.is_bags)
     if args.knn:
         metrics["knn"] = _knn(run, args, shards, split)
     out = Path(args.out) if args.out else run.run_dir / name
-    figures = write_outputs(out, metrics, preds, run.classes)
-    for level in ("patch", "group_mean", "group_max"):
-        if level in metrics:
-            print(report.format_table(metrics[level], f"{name} {level} (tta={args.tta})"))
+    figures = write_outputs(out, metrics, preds, run.classes, level)
+    for lv in (level, "group_mean", "group_max"):
+        if lv in metrics:
+            print(report.format_table(metrics[lv], f"{name} {lv} (tta={args.tta})"))
     print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, reliability.png")
     log = run.cfg.log
     report.log_wandb(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from histodist.errors import run_cli
+from histodist.errors import UsageError, run_cli
 from histodist.inference import core as inference
 from histodist.inference import report
 from histodist.inference.gradcam import gradcam
@@ -116,6 +116,11 @@ def plot_grid(picked: dict, cams: torch.Tensor, classes: list[str], path: Path, 
 def run_explain(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = inference.load_run(args.run, args.checkpoint)
+    if run.is_bags:
+        raise UsageError(
+            f"{args.run}: a MIL head ({run.cfg.model.model}) has no pixels for Grad-CAM; its "
+            "slide heatmaps are drawn over slide thumbnails (histodist.inference.heatmap)"
+        )
     mode, n = ("random", args.random) if args.random else ("top-losses", args.top_losses or 16)
     if args.input:
         items = inference.list_inputs(args.input, run.classes)

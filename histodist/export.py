@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from histodist.errors import HistodistError, run_cli
+from histodist.errors import HistodistError, UsageError, run_cli
 from histodist.fileio import atomic_path
 from histodist.inference import core as inference
 
@@ -128,7 +128,11 @@ def _embedding_input(emb: dict) -> dict:
 
 def preprocess_json(run: inference.Run, fmt: str, file: str, diff: float | None) -> dict:
     if run.manifest.get("embedding"):
-        return {**_image_json(run, fmt, file, diff), **_embedding_input(run.manifest["embedding"])}
+        emb = _embedding_input(run.manifest["embedding"])
+        if run.is_bags:  # a MIL head: one slide's bag of tile embeddings
+            shape = [1, "tiles", run.manifest["embedding"]["dim"]]
+            emb["input"].update(shape=shape, layout="a slide's tile embeddings as (1, N, D)")
+        return {**_image_json(run, fmt, file, diff), **emb}
     return _image_json(run, fmt, file, diff)
 
 
@@ -162,6 +166,12 @@ def _image_json(run: inference.Run, fmt: str, file: str, diff: float | None) -> 
 
 def run_export(args) -> int:
     run = inference.load_run(args.run, args.checkpoint)
+    if run.is_bags and args.format != "safetensors":
+        raise UsageError(
+            f"--format {args.format}: {run.cfg.model.model} is a MIL head, whose graph depends "
+            "on the bag's length; export --format safetensors (the weights, rebuilt with "
+            "histodist.models.build_model from the run's config)"
+        )
     model = run.model.float().eval()
     out = Path(args.out) if args.out else run.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,11 @@
 - `small-cnn`: a four-block CNN for quick baselines;
 - `hf-hub:ORG/NAME`, `local-dir:PATH` and the short names of histodist.hub.KNOWN (pathology
   foundation models, built with their authors' timm arguments and pooling);
-- `linear` / `mlp`: a head on embedding vectors (`histodist.embed`), input width `embed_dim`.
-Every model maps float32 (B, 3, H, W) normalised images to (B, num_classes) logits and exposes
-`head_parameters(model)`, the parameters trained while the backbone is frozen.
+- `linear` / `mlp`: a head on embedding vectors (`histodist.embed`), input width `embed_dim`;
+- `abmil`, `clam-sb`, `transmil`, `mean`, `max`: MIL heads on a slide's bag of tile
+  embeddings (histodist.mil), float (1, N, embed_dim) -> (1, num_classes) logits.
+Every other model maps float32 (B, 3, H, W) normalised images to (B, num_classes) logits; all
+expose `head_parameters(model)`, the parameters trained while the backbone is frozen.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from histodist import hub
+from histodist import hub, mil
 from histodist.config import ConfigError, ModelConfig
 from histodist.data.embeddings import HEADS
 from histodist.errors import HistodistError, UsageError
@@ -161,7 +163,7 @@ def check_model_name(name: str) -> None:
         source, arch = parse_model_name(n)
         return source is not None or is_model(arch)
 
-    whole = (*LOCAL_MODELS, *HEADS)
+    whole = (*LOCAL_MODELS, *HEADS, *mil.MIL_HEADS)
     parts = name.split("+", 1) if "+" in name else [name]
     bad = [n for n in parts if not (n in whole and len(parts) == 1 or known(n))]
     if bad:
@@ -181,6 +183,9 @@ def build_model(cfg: ModelConfig, *, num_classes: int, image_size: int | None = 
     elif name in HEADS:
         hidden = MLP_HIDDEN if name == "mlp" else 0
         model = EmbeddingHead(cfg.embed_dim, num_classes, hidden=hidden, drop_rate=drop)
+    elif name in mil.MIL_HEADS:
+        model = mil.build(name, dim=cfg.embed_dim, num_classes=num_classes, hidden=cfg.mil_dim,
+                          dropout=drop, k=cfg.clam_k)  # fmt: skip
     elif hub.is_hub(name):
         # The point of naming a hub checkpoint is its weights: loaded unless --no-pretrained.
         model = hub.create(name, family_name=cfg.family, num_classes=num_classes, drop_rate=drop,
@@ -218,7 +223,7 @@ def model_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the classifier head (trained while the backbone is frozen)."""
-    if isinstance(model, EmbeddingHead):
+    if isinstance(model, EmbeddingHead | mil.MILHead):
         return list(model.parameters())
     if hasattr(model, "head") and isinstance(model, PairNet | DenseHeadNet | SmallCNN):
         return list(model.head.parameters())

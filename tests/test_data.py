@@ -271,7 +271,9 @@ def test_pickled_members_are_never_unpickled(shards, tmp_path, images):
     )
     assert keys_of(batches)[0] == key and len(keys_of(batches)) == 4
     assert not marker.exists()
-    assert set(batches[0]) == {"image", "label", "key", "group"}
+    assert set(batches[0]) == {"image", "label", "key", "group", "meta"}
+    meta = batches[0]["meta"][0]  # the sample's whole .json, whatever fields it holds
+    assert meta["group"] == batches[0]["group"][0] and meta["source"].endswith(f"{key}.jpg")
 
 
 def test_to_device_keeps_lists(shards):

@@ -42,7 +42,7 @@ from histodist.data.tarstream import DigestReader, iter_tar
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
 
-Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group": lists
+Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group", "meta": lists
 
 # shard member extensions decoded as images: the raw image files, PPM, and uint8 .npy arrays
 IMAGE_EXTS = (*(e[1:] for e in IMAGE_EXTENSIONS), "ppm", "npy")
@@ -308,7 +308,8 @@ def _resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def decode_sample(raw: dict, image_size: tuple[int, int] | None) -> dict:
-    """Raw member bytes -> {"image": uint8 (3,H,W), "label": int, "key": str, "group": str|None}.
+    """Raw member bytes -> {"image": uint8 (3,H,W), "label": int, "key": str, "group": str|None,
+    "meta": dict} (`meta`: the sample's whole `.json`, e.g. a tile's slide id and coordinates).
 
     Only image members, `.cls` and `.json` are read; anything else (`.pyd`, `.pth`, `.pickle`,
     ...) is ignored, so nothing found in a tar is ever unpickled.
@@ -323,7 +324,8 @@ def decode_sample(raw: dict, image_size: tuple[int, int] | None) -> dict:
         img = _resize_uint8(img, image_size)
     label = int(raw["cls"].decode("ascii").strip()) if "cls" in raw else -1
     meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
-    return {"image": img, "label": label, "key": raw["__key__"], "group": meta.get("group")}
+    return {"image": img, "label": label, "key": raw["__key__"], "group": meta.get("group"),
+            "meta": meta}  # fmt: skip
 
 
 def decoded(samples: Iterable[dict], counts: dict, image_size) -> Iterator[dict]:
@@ -357,6 +359,7 @@ def collate(samples: list[dict]) -> Batch:
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
         "group": [s["group"] for s in samples],
+        "meta": [s["meta"] for s in samples],
     }
 
 

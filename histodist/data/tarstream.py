@@ -89,6 +89,98 @@ def iter_tar(f: BinaryIO, skip: Callable[[str], bool] | None = None) -> Iterator
             long_name = None if kind != b"g" else long_name
 
 
+def members(buf: bytes) -> list[tuple[str, int, int]]:
+    """(name, offset of the content, size) of each regular file of a tar held in memory, or
+    of a run of whole members cut from one (a slide's tiles, histodist.data.bags), in order;
+    header checksums verified, GNU long names and pax paths honoured (a Python loop per
+    member: `locate` is the fast path)."""
+    out, pos, long_name, end = [], 0, None, len(buf)
+    while pos + BLOCK <= end:
+        header = buf[pos : pos + BLOCK]
+        if header == bytes(BLOCK):
+            break
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarStreamError("bad tar header checksum (damaged shard?)")
+        size, kind, start = _octal(header[124:136]), header[156:157], pos + BLOCK
+        if start + size > end:
+            raise TarStreamError("unexpected end of data in a tar member (truncated shard?)")
+        if kind in (b"0", b"\0", b"7"):
+            out.append((long_name or _name(header), start, size))
+            long_name = None
+        elif kind == b"L":
+            long_name = buf[start : start + size].rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":
+            long_name = _pax_path(buf[start : start + size]) or long_name
+        pos = start + size + (-size % BLOCK)
+    return out
+
+
+def locate(buf: bytes, suffixes: tuple[str, ...]) -> dict[str, list[tuple[int, int]]]:
+    """{suffix: [(offset of the content, size)]} of the regular files of an in-memory tar (or
+    a run of whole members cut from one) whose names end with each suffix, in order.
+
+    The headers are found in one numpy pass over the 512-byte blocks (ustar magic, sizes and
+    checksums read as arrays) and accepted only when they chain exactly (each header followed
+    by its content's blocks, then the next header, to the end); any other tar (pax headers,
+    GNU long names, pre-POSIX headers, or a payload block that looks like a header) goes
+    through `members`. The 30,000 members of a 10,000-tile bag (51 MB) are located in 43 ms
+    this way against 136 ms in the Python walk (2 CPU cores; docs/mil.md)."""
+    found = _locate_blocks(buf, suffixes)
+    if found is not None:
+        return found
+    out: dict[str, list[tuple[int, int]]] = {x: [] for x in suffixes}
+    for name, start, size in members(buf):
+        for x in suffixes:
+            if name.endswith(x):
+                out[x].append((start, size))
+    return out
+
+
+def _octal_fields(fields):
+    """uint8 (M, W) ASCII octal fields -> (int64 (M,) values, bool: every field valid)."""
+    import numpy as np
+
+    digit = (fields >= 48) & (fields <= 55)
+    ok = bool((digit | (fields == 0) | (fields == 32)).all())
+    value = np.zeros(len(fields), np.int64)
+    for col in range(fields.shape[1]):
+        value = np.where(digit[:, col], value * 8 + fields[:, col].astype(np.int64) - 48, value)
+    return value, ok
+
+
+def _locate_blocks(buf: bytes, suffixes: tuple[str, ...]):
+    """`locate` in one pass over the blocks, or None when the headers do not chain."""
+    import numpy as np
+
+    n = len(buf) // BLOCK
+    if n == 0:
+        return None
+    blocks = np.frombuffer(buf, np.uint8, count=n * BLOCK).reshape(n, BLOCK)
+    heads = np.flatnonzero((blocks[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(1))
+    if not len(heads) or heads[0] != 0:
+        return None
+    h = blocks[heads]
+    size, ok_size = _octal_fields(h[:, 124:136])
+    stored, ok_sum = _octal_fields(h[:, 148:156])
+    total = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    nxt = heads + 1 + (size + BLOCK - 1) // BLOCK
+    kind = h[:, 156]
+    last = int(nxt[-1])
+    chained = (nxt[:-1] == heads[1:]).all() and (last == n or last < n and not blocks[last].any())
+    regular = np.isin(kind, (48, 0, 55))  # "0", NUL, "7"
+    if not (ok_size and ok_sum and chained and (total == stored).all() and regular.all()):
+        return None  # a long name, pax header, link...: the general walk handles them
+    names = h[:, :100]
+    length = np.where((names == 0).any(1), (names == 0).argmax(1), 100)
+    out = {}
+    for x in suffixes:
+        want = np.frombuffer(x.encode(), np.uint8)
+        cols = np.clip(length[:, None] - len(want) + np.arange(len(want)), 0, 99)
+        hit = (length >= len(want)) & (np.take_along_axis(names, cols, 1) == want).all(1)
+        out[x] = list(zip(((heads[hit] + 1) * BLOCK).tolist(), size[hit].tolist(), strict=True))
+    return out
+
+
 def _read_member(f: BinaryIO, size: int, padded: int) -> bytes:
     data = _read_exact(f, size, "a tar member") if size else b""
     if padded > size:

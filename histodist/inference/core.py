@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from histodist.config import WANDB_MODES
-from histodist.errors import HistodistError
+from histodist.errors import HistodistError, UsageError
 from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
 from histodist.metrics import predicted_class
 
@@ -99,6 +99,13 @@ class Run:
     image_size: int  # model input side in pixels
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @property
+    def is_bags(self) -> bool:
+        """A MIL head: its inputs are slide bags (histodist.data.bags), one per batch."""
+        from histodist.mil import MIL_HEADS
+
+        return self.cfg.model.model in MIL_HEADS
 
     @property
     def crop(self) -> float:
@@ -195,6 +202,8 @@ def iter_predictions(
     """
     from tqdm.auto import tqdm
 
+    if run.is_bags and tta != 1:
+        raise UsageError(f"--tta {tta}: a slide's bag of embeddings has no dihedral views")
     transform = run.transform()
     model = run.model.to(device).eval()
     for batch in tqdm(batches, total=total, disable=not progress, unit="batch", leave=False):
@@ -294,11 +303,18 @@ def gather(accelerator, preds: Predictions) -> Predictions:
 
 def shard_batches(run: Run, shards: str, split: str, *, batch_size: int, rank: int = 0,
                   world_size: int = 1, workers: int = 2) -> Iterable[dict]:  # fmt: skip
-    """The run's evaluation loader over ``shards``/``split`` for one rank."""
+    """The run's evaluation loader over ``shards``/``split`` for one rank: images or
+    embeddings, or for a MIL head every slide's bag once (one per batch)."""
     from histodist.data.embeddings import check_compatible
     from histodist.data.loader import eval_loader, load_manifest
 
-    check_compatible(run.manifest, load_manifest(shards), shards)
+    manifest = load_manifest(shards)
+    check_compatible(run.manifest, manifest, shards)
+    if run.is_bags:
+        from histodist.data.bags import bag_loader
+
+        return bag_loader(shards, split, train=False, rank=rank, world_size=world_size,
+                          workers=workers, cache_dir=run.cfg.data.cache_dir, manifest=manifest)  # fmt: skip
     img = run.manifest.get("image") or {}
     size = None if img.get("height") else run.load_size  # varying sizes: resize to batch
     return eval_loader(

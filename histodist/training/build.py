@@ -22,6 +22,7 @@ from histodist.data import loader as data
 from histodist.errors import UsageError
 from histodist.fileio import atomic_write
 from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
+from histodist.training import mil
 from histodist.training.checkpoint import STEP
 from histodist.training.loop import Parts, State
 from histodist.training.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
@@ -99,7 +100,15 @@ def complete_config(cfg: Config, manifest: dict) -> Config:
             )
     if embeddings.is_embedding_set(manifest):
         fixed = embeddings.config_overrides(cfg, manifest, cfg.data.shards)
+        if mil.is_mil(cfg):
+            fixed.update(mil.config_overrides(cfg, manifest, cfg.data.shards))
         return replace(cfg, **{**fixed, "data": {"num_classes": n, **fixed["data"]}})
+    if mil.is_mil(cfg):
+        raise ConfigError(
+            f"--model {cfg.model.model}: a MIL head trains on the slide bags of embedded slide "
+            f"tiles, and {cfg.data.shards} holds images; embed them first: python -m "
+            f"histodist.embed --model MODEL --shards {cfg.data.shards} --out EMB, then --shards EMB"
+        )
     if cfg.model.model in embeddings.HEADS:  # a linear / MLP head on the raw pixels
         return replace(cfg, data={"num_classes": n, "image_size": size},
                        model={"embed_dim": 3 * size * size})  # fmt: skip
@@ -151,6 +160,8 @@ def write_run_files(cfg: Config, manifest: dict, run_dir: Path, note: str | None
 
 
 def loaders(acc, cfg: Config, manifest: dict):
+    if mil.is_mil(cfg):
+        return mil.loaders(acc, cfg, manifest)
     d = cfg.data
     # Resize in the workers only when the shards' images vary in size (so they can be batched).
     size = None if manifest.get("image") else (d.image_size, d.image_size)
@@ -203,7 +214,10 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total, warmup_steps=warmup)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     ema = _ema(acc, model, cfg)
-    weights = class_weights(manifest, cfg.data.train_split, n_cls).to(acc.device)
+    bag_run = mil.is_mil(cfg)
+    weights = (mil.class_weights if bag_run else class_weights)(
+        manifest, cfg.data.train_split, n_cls
+    ).to(acc.device)
     criterion = nn.CrossEntropyLoss(
         weight=weights if cfg.data.class_balance == "loss" else None,
         label_smoothing=cfg.optim.label_smoothing,
@@ -233,7 +247,10 @@ def build_parts(acc, cfg: Config, manifest: dict, run_dir: Path, mode: str) -> P
         meta=_meta(cfg, manifest, mean, std, ema is not None),
         ema=ema,
         sample_weights=weights if cfg.data.class_balance == "sampler" else None,
-        valid_size=int(manifest["splits"][cfg.data.valid_split]["num_samples"]),
+        valid_size=mil.num_slides(manifest, cfg.data.valid_split)
+        if bag_run
+        else int(manifest["splits"][cfg.data.valid_split]["num_samples"]),
+        objective=mil.objective(cfg, weights, acc.device) if bag_run else None,
     )
 
 

@@ -363,6 +363,7 @@ FIXED_ON_RESUME = (
     ("data", "image_size"),
     ("data", "train_split"),
     ("model", "model"),
+    ("model", "mil_dim"),
     ("optim", "optimizer"),
     ("optim", "layer_decay"),
     ("optim", "backbone_lr_scale"),

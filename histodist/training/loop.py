@@ -73,6 +73,9 @@ class Parts:
     nonfinite: NonFinite | None = None  # device-side count of skipped updates (optimizer_step)
     config_note: str | None = None  # leading comment of config.yaml (the precision chosen and why)
     monitor: Monitor = field(default_factory=Monitor)  # data wait and peak memory per log line
+    # (forward, x, y, batch) -> loss, replacing criterion(forward(x), y): a MIL head's loss
+    # (training.mil.BagLoss: per-bag weights, the label inside the forward pass)
+    objective: nn.Module | None = None
 
 
 class StopTraining(Exception):
@@ -165,7 +168,10 @@ def micro_step(p: Parts, batch: dict, gen, sync: bool, accum: int, first: bool):
     if p.cfg.model.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with contextlib.nullcontext() if sync else acc.no_sync(p.model):
-        loss = p.criterion(p.forward(x).float(), y)
+        if p.objective is None:
+            loss = p.criterion(p.forward(x).float(), y)
+        else:
+            loss = p.objective(p.forward, x, y, batch)
         acc.backward(loss / accum)
     return loss.detach(), len(y)
 

@@ -2,9 +2,10 @@
 
     accelerate launch ... tests/scripts/train_probe.py OUT_DIR <histodist.train flags>
 
-Writes OUT_DIR/rank<r>.json: world size, the sample keys of every training batch per epoch,
-a checksum of the final parameters (so a test can check the ranks agree), and where training
-ended (steps, samples, lr). PROBE_STOP_AFTER=K raises the preemption flag on every rank after
+Writes OUT_DIR/rank<r>.json: world size, the sample keys of every training batch per epoch
+(a MIL run's padding bags, of loss weight 0, left out) and the number of batches, a checksum
+of the final parameters (so a test can check the ranks agree), and where training ended
+(steps, samples, lr). PROBE_STOP_AFTER=K raises the preemption flag on every rank after
 its K-th training batch: a preemption at a known batch, for resume tests.
 """
 
@@ -23,7 +24,7 @@ class Recorder:
     """Wraps the training loader; records batch keys per epoch and passes batches through."""
 
     def __init__(self, loader, stop_after: int = 0, preempt=None):
-        self.loader, self.epoch, self.keys = loader, 0, {}
+        self.loader, self.epoch, self.keys, self.batches = loader, 0, {}, {}
         self.stop_after, self.preempt, self.seen = stop_after, preempt, 0
 
     def __len__(self):
@@ -35,7 +36,10 @@ class Recorder:
 
     def __iter__(self):
         for batch in self.loader:
-            self.keys.setdefault(str(self.epoch), []).extend(batch["key"])
+            weight = batch.get("weight", [1.0] * len(batch["key"]))
+            keys = [k for k, w in zip(batch["key"], weight, strict=True) if float(w) > 0]
+            self.keys.setdefault(str(self.epoch), []).extend(keys)
+            self.batches[str(self.epoch)] = self.batches.get(str(self.epoch), 0) + 1
             self.seen += 1
             if self.seen == self.stop_after:
                 self.preempt.received = "PROBE_STOP_AFTER"
@@ -72,6 +76,7 @@ def main() -> None:
                 "epoch": st.epoch,
                 "lr": max(g["lr"] for g in p.optimizer.param_groups),
                 "keys": p.train_loader.keys,
+                "batches": p.train_loader.batches,
                 "params_sha256": h.hexdigest(),
                 "param_sum": float(sum(t.detach().double().sum() for t in model.parameters())),
             }
