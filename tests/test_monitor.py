@@ -68,11 +68,11 @@ class SlowLoader:
 
 def test_data_wait_shows_a_starving_loader(tmp_path, pcam_jpeg, monkeypatch):
     """Each batch arrives 0.2 s late: every log line's data wait covers those 0.2 s of its
-    window (window = images / images per second), and a step-wise validation (here 1.5 s)
-    is not counted as training time in the next line."""
+    window (window = images / images per second), and a step-wise validation (here 3 s)
+    is not counted as training time in the next line (the bound leaves a loaded machine room)."""
     p = _parts(tiny_shards(tmp_path / "shards", pcam_jpeg), tmp_path / "runs", log_every=1)
     p.train_loader = SlowLoader(p.train_loader, 0.2)
-    monkeypatch.setattr(loop, "validate", lambda p, st: time.sleep(1.5))
+    monkeypatch.setattr(loop, "validate", lambda p, st: time.sleep(3.0))
     loop.train_one_epoch(p, loop.State())
     p.log.close()
     lines = [json.loads(x) for x in (p.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -81,5 +81,5 @@ def test_data_wait_shows_a_starving_loader(tmp_path, pcam_jpeg, monkeypatch):
     for x in windows:
         seconds = 8 / x["train/img_per_s_per_device"]
         assert 0.2 * 0.999 <= x[DATA_WAIT] * seconds <= seconds, (x, seconds)
-        assert seconds < 1.5, x  # without the validation's 1.5 s
+        assert seconds < 3.0, x  # without the validation's 3 s
         assert 0.05 < x[PEAK_RSS] < 64
