@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from datakit import real_data
+from datakit import ROOT, SHARED_DATA, real_data  # noqa: F401  (tests import them from here)
 
 # Offline before anything imports huggingface_hub or wandb: a pretrained=True call would
 # otherwise hang about a minute before failing, and wandb must never reach the network.
