@@ -1,9 +1,11 @@
-"""Test configuration: CPU only, offline, small thread counts, real data by relative path."""
+"""Test configuration: CPU only, offline, small thread counts, real data by relative path
+(../shared/data beside the checkout, else the samples in examples/: tests/datakit.py)."""
 
 import os
 from pathlib import Path
 
 import pytest
+from datakit import ROOT, SHARED_DATA, real_data  # noqa: F401  (tests import them from here)
 
 # Offline before anything imports huggingface_hub or wandb: a pretrained=True call would
 # otherwise hang about a minute before failing, and wandb must never reach the network.
@@ -13,10 +15,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-PCAM_JPEG = SHARED_DATA / "pcam-jpeg"
-KAGGLE_MINI = SHARED_DATA / "kaggle-hcd-mini"
+
+def pytest_report_header(config) -> str:
+    """Say which real images this run uses: the full copy or the bundled samples."""
+    try:
+        return f"real data: {real_data('pcam-jpeg', 'pcam-mini')}"
+    except pytest.skip.Exception as e:
+        return str(e.msg)
 
 
 @pytest.fixture(autouse=True)
@@ -42,16 +47,15 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def pcam_jpeg() -> Path:
-    if not PCAM_JPEG.is_dir():
-        pytest.skip(f"real data absent: {PCAM_JPEG}")
-    return PCAM_JPEG
+    """Real 96x96 PCam JPEGs as train|valid/0|1/*.jpg: ../shared/data/pcam-jpeg (23,000),
+    else examples/pcam-mini (the first 400 train and 100 valid of each class of it)."""
+    return real_data("pcam-jpeg", "pcam-mini")
 
 
 @pytest.fixture(scope="session")
 def kaggle_mini() -> Path:
-    if not KAGGLE_MINI.is_dir():
-        pytest.skip(f"real data absent: {KAGGLE_MINI}")
-    return KAGGLE_MINI
+    """15 real Kaggle HCD tifs as train/<id>.tif + train_labels.csv (the same files either way)."""
+    return real_data("kaggle-hcd-mini", "kaggle-hcd-mini")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Builders of tiny raw datasets in their exact official layouts, from real PCam pixels.
 
 Each builder writes under `root` and returns it (or the file `--src` should name). Pixels come
-from ../shared/data/pcam-jpeg (real H&E patches), cropped or resized to each dataset's size.
+from the `pcam_jpeg` fixture (real H&E patches), cropped or resized to each dataset's size.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from datakit import first_patches
 from PIL import Image
 
 
 def real_patches(pcam_jpeg: Path, n: int, label: int = 0, split: str = "train") -> list[Path]:
     """The first `n` real 96x96 JPEG patches of one class."""
-    return sorted((pcam_jpeg / split / str(label)).glob("*.jpg"))[:n]
+    return first_patches(pcam_jpeg, split, label, n)
 
 
 def _rgb(path: Path, size: tuple[int, int] | None = None) -> Image.Image:

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from datakit import first_patches
 from PIL import Image
 
 
 def pcam_images(root: Path, split: str, per_class: int) -> list[tuple[Path, int]]:
     """The first `per_class` images of each class of pcam-jpeg/<split>, as (path, label)."""
-    out = []
-    for label in (0, 1):
-        out += [(p, label) for p in sorted((root / split / str(label)).glob("*.jpg"))[:per_class]]
-    return out
+    return [(p, label) for label in (0, 1) for p in first_patches(root, split, label, per_class)]
 
 
 def _image_member(path: Path, encoding: str) -> tuple[str, bytes]:

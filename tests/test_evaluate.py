@@ -102,12 +102,6 @@ def test_input_folder_gives_the_same_figures_as_shards(setup, pcam_jpeg, tmp_pat
         assert a[k] == pytest.approx(b[k], abs=1e-5), k
 
 
-def test_bad_run_folder_is_a_one_line_error(tmp_path, capsys):
-    assert evaluate.main(["--run", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("histodist.evaluate: error:") and "run folder" in err
-
-
 @pytest.mark.slow
 def test_two_process_accelerate_launch_scores_every_sample_once(setup, tmp_path):
     run_dir, _ = setup

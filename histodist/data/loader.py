@@ -36,6 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from histodist import samples
 from histodist.data import embeddings, epoch_plan
 from histodist.data.remote import ShardError, join_url, open_url, read_text
 from histodist.data.tarstream import DigestReader, iter_tar
@@ -82,10 +83,18 @@ def load_manifest(shards: str) -> dict:
 
 def _shard_hint(shards: str) -> str:
     """The histodist.shard command that writes shards to `shards` (its folder name as the
-    dataset when it is one, as in the presets' shards/<dataset>)."""
+    dataset when it is one, as in the presets' shards/<dataset>); for PCam also the command
+    that shards the sample bundled in examples/, so a first run has a way forward offline."""
     name = os.path.basename(os.path.normpath(shards))
+    if name == "pcam-mini":
+        return f"`{samples.pcam_mini_command(shards)}`"
     if name == "pcam":
-        return f"`python -m histodist.shard --dataset pcam --download --out {shards}`"
+        mini = os.path.join(os.path.dirname(os.path.normpath(shards)), "pcam-mini")
+        return (
+            f"`python -m histodist.shard --dataset pcam --download --out {shards}` (the real "
+            f"PCam, 327,680 patches), or try the 1,000-patch sample in histodist's examples/: "
+            f"`{samples.pcam_mini_command(mini)}`, then pass `--shards {mini}`"
+        )
     known = ("kaggle-hcd", "idc", "breakhis", "ham10000", "folder")
     dataset = name if name in known else "DATASET"
     return f"`python -m histodist.shard --dataset {dataset} --src RAW_FOLDER --out {shards}`"

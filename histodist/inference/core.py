@@ -80,7 +80,8 @@ def autocast_for(requested: str, device) -> tuple[Callable | None, object]:
 
 
 class InputError(HistodistError, ValueError):
-    """An input path, CSV or run folder that cannot be used; the message names it and the fix."""
+    """An input path or CSV that cannot be used; the message names it and the fix. (A --run
+    that is no run folder is a UsageError, exit 2.)"""
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -138,8 +139,8 @@ def load_run(run_dir: str | os.PathLike, which: str = "best") -> Run:
     from histodist.training.checkpoint import load_run_model
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise InputError(f"{run_dir}: not a run folder (no config.yaml); pass --run runs/NAME")
+    if not (run_dir / "config.yaml").is_file():  # the --run value is wrong: a usage error
+        raise UsageError(f"{run_dir}: not a run folder (no config.yaml); pass --run runs/NAME")
     # --checkpoint PATH names a checkpoint folder; best / last are looked up in the run
     model, cfg, meta = load_run_model(which if Path(which).is_dir() else run_dir, which)
     model.eval()
