@@ -36,6 +36,7 @@ import torch
 from histodist.errors import HistodistError
 from histodist.fileio import atomic_path, atomic_write
 from histodist.fileio import sync_to_disk as _fsync
+from histodist.training.distributed import agree, broadcast
 from histodist.version import version_string
 
 STEP = "step-{:09d}"
@@ -143,19 +144,7 @@ def _protected(root: Path, meta: dict) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- collectives
-def broadcast(accelerator, obj: Any) -> Any:
-    """The main process's `obj` (a small picklable value) on every rank: decisions about files
-    are taken where they are written, never from another node's possibly stale view."""
-    if accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([obj])[0]
-
-
 def _any_rank(accelerator, flag: bool) -> bool:
-    from histodist.training.distributed import agree
-
     return bool(agree(accelerator, flag)[0])
 
 

@@ -1,12 +1,18 @@
-"""Process-level helpers: preemption signals, cross-rank flags and gathers, per-step seeds,
-determinism."""
+"""Process-level helpers: preemption signals, cross-rank agreement, decisions and gathers,
+per-step seeds, determinism."""
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+from histodist.errors import HistodistError
+
+T = TypeVar("T")
 
 
 class Preemption:
@@ -65,6 +71,57 @@ def agree(accelerator, *flags: float) -> list[float]:
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="max")
     return t.tolist()
+
+
+def broadcast(accelerator, obj: Any) -> Any:
+    """The main process's `obj` (a small picklable value) on every rank: decisions about files
+    are taken where they are written, never from another node's possibly stale view."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]
+
+
+def on_main(accelerator, fn: Callable[[], T]) -> T:
+    """`fn()` run on the main process, its result on every rank (collective). An expected
+    error raised there (a HistodistError, or an OSError such as a full disk) is raised on every
+    rank, so that no rank is left waiting in a collective for a main process that has left."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except (HistodistError, OSError) as e:
+            error = e
+    result, error = broadcast(accelerator, (result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+class PeerFailure(HistodistError):
+    """A collective failed because another process of the run stopped (its own error says
+    why) or cannot be reached."""
+
+
+def peer_failure(exc: BaseException) -> PeerFailure | None:
+    """The one-line error for a collective that failed on this rank because another rank left
+    (gloo: "Connection closed by peer"; NCCL: a DistBackendError), or None when `exc` is not
+    that or no process group of several ranks is running."""
+    dist = torch.distributed
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size() < 2:
+        return None
+    text = str(exc).strip()
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(s in text for s in lost)):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return PeerFailure(
+        f"rank {dist.get_rank()}: another process of this run stopped or cannot be reached "
+        f"(its own error is above or in its log), so this one stops too ({first[:200]})"
+    )
 
 
 def gather_varlen(accelerator, t: torch.Tensor) -> torch.Tensor:

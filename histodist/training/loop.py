@@ -71,6 +71,7 @@ class Parts:
     valid_size: int = 0  # expected number of validation samples (manifest)
     nonfinite: NonFinite | None = None  # device-side count of skipped updates (optimizer_step)
     config_note: str | None = None  # leading comment of config.yaml (the precision chosen and why)
+    lock: Any = None  # the run folder's lock (training.runlock), held by the main process
 
 
 class StopTraining(Exception):
