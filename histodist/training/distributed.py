@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,14 +18,22 @@ T = TypeVar("T")
 
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag instead of killing the process; the training loop checks it
-    every optimizer step on one process, and at every log line (through `agree`, one
-    all-reduce) on several, so that all ranks save and exit together."""
+    every optimizer step on one process. On several, the ranks agree on it (`agree`, one
+    all-reduce, a host sync) so that all save and exit together: at every log line, and in
+    between at least every INTERVAL_S seconds of training, so that a signal is acted on in
+    bounded time however long a step takes (the launcher kills the ranks some 30 s after its
+    SIGTERM). The steps between agreements are agreed at each one from the slowest rank's
+    step time: with fast steps that is --log-every (no sync but the log line's), with steps
+    slower than INTERVAL_S / --log-every it is fewer, down to one."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    INTERVAL_S = 5.0
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict = {}
+        self.next_step = 1  # the first agreement measures the step time
+        self._since: tuple[float, int] | None = None  # (time, step) of the last agreement
 
     def install(self) -> Preemption:
         for name in self.SIGNALS:
@@ -40,6 +49,28 @@ class Preemption:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+
+    def agreed_if_due(self, accelerator, step: int, log_every: int) -> bool:
+        """`agree` when the schedule says so after optimizer step `step` (the same on every
+        rank: the schedule is itself agreed), else False without communicating."""
+        return step >= self.next_step and self.agree(accelerator, step, log_every)
+
+    def restart_clock(self, step: int) -> None:
+        """Time steps from now (an epoch starts: validation time is not a step's)."""
+        self._since = (time.monotonic(), step)
+
+    def agree(self, accelerator, step: int, log_every: int) -> bool:
+        """One all-reduce: whether any rank got a signal; also sets the next agreement step
+        from the slowest rank's step time since the last agreement."""
+        now = time.monotonic()
+        per_step = 0.0
+        if self._since is not None and step > self._since[1]:
+            per_step = (now - self._since[0]) / (step - self._since[1])
+        signalled, slowest = agree(accelerator, self.received is not None, per_step)
+        gap = log_every if slowest <= 0 else int(self.INTERVAL_S / slowest)
+        self.next_step = step + max(1, min(log_every, gap))
+        self._since = (time.monotonic(), step)
+        return bool(signalled)
 
 
 class NonFinite:
