@@ -60,5 +60,8 @@ def run_cli(
 
 
 def _say(prog: str, message: str, code: int) -> int:
-    print(f"histodist.{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    # One write per line (print writes the newline apart): ranks that share a log and fail
+    # together must not interleave their lines.
+    sys.stderr.write(f"histodist.{prog}: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
     return code
