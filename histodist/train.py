@@ -6,6 +6,7 @@ see `--help` for every option, README "Train" for the most used ones.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,9 @@ def _run(cfg: Config) -> int:
         )
         log_batch_and_lr(p, st.step)
         p.preempt.install()
-        try:
-            reason = fit(p, st)
-        finally:
-            p.preempt.uninstall()
+        reason = fit(p, st)
+        # On an error the handlers stay until main() has printed its line (see there).
+        p.preempt.uninstall()
     finally:
         p.log.close()
         build.release(p.lock)
@@ -163,11 +163,22 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        "train",
-        lambda: run(parse_args(argv)),
-        disk_full="free space, then rerun with --resume (the checkpoints written are intact)",
-    )
+    # When an error ends training, its preemption handler (a flag, no exit) stays installed
+    # until the error's line is printed: the launcher sends SIGTERM to every rank as soon as
+    # one has ended, and a rank must not die of it before saying why it stops. The handlers
+    # this process had are restored here, after the line.
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        return run_cli(
+            "train",
+            lambda: run(parse_args(argv)),
+            disk_full="free space, then rerun with --resume (the checkpoints written are intact)",
+        )
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":
