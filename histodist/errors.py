@@ -3,8 +3,9 @@
 An expected error is one a user can fix: its message names the file, flag or run and says
 the fix. Every command runs its body through `run_cli`, which turns one into a single line
 `histodist.<cmd>: error: ...` on stderr and the documented exit code, with no traceback.
-Anything else is a bug and keeps its traceback. Imports only the standard library, so a
-command answers a bad flag before torch loads.
+Anything else is a bug and keeps its traceback, except a full disk (ENOSPC, EDQUOT: never a
+bug, wherever the write was), which is one line naming the file too. Imports only the standard
+library, so a command answers a bad flag before torch loads.
 
 Exit codes (docs/architecture.md):
   0  success
@@ -16,10 +17,12 @@ Exit codes (docs/architecture.md):
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class HistodistError(Exception):
@@ -34,11 +37,31 @@ class UsageError(HistodistError):
     exit_code = EXIT_USAGE
 
 
-def run_cli(prog: str, fn: Callable[..., int], *args, extra: tuple = ()) -> int:
+def run_cli(
+    prog: str,
+    fn: Callable[..., int],
+    *args,
+    extra: tuple = (),
+    disk_full: str = "free space, then run the command again",
+) -> int:
     """Return `fn(*args)`; a HistodistError (or one of `extra`, e.g. OSError for a command
-    whose every file error is the user's) becomes one line on stderr and its exit code."""
+    whose every file error is the user's) becomes one line on stderr and its exit code. A full
+    disk becomes one line naming the file (fileio.atomic_path names it) and `disk_full`, the
+    fix, with exit code 1."""
     try:
         return fn(*args)
     except (HistodistError, *extra) as e:
-        print(f"histodist.{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_FAILURE)
+        return _say(prog, str(e), getattr(e, "exit_code", EXIT_FAILURE))
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        what = e.strerror or "no space left on device"
+        return _say(prog, f"{e.filename or 'a file'}: {what}; {disk_full}", EXIT_FAILURE)
+
+
+def _say(prog: str, message: str, code: int) -> int:
+    # One write per line (print writes the newline apart): ranks that share a log and fail
+    # together must not interleave their lines.
+    sys.stderr.write(f"histodist.{prog}: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return code

@@ -56,6 +56,13 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
         if fsync:
             sync_to_disk(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename in (None, name):
+            # A writer's own OSError (a full disk mid-write) names no file, or the temporary
+            # one: name the file being written, so that the one-line error says which.
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -6,6 +6,7 @@ see `--help` for every option, README "Train" for the most used ones.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,15 @@ def setup(cfg: Config, run_dir: Path | None = None) -> loop.Parts:
     cfg = build.complete_config(cfg, manifest)
     cfg, choice = build.resolve_precision(cfg)
     acc, mode, msg = build.make_accelerator(cfg)
+    lock = None
     if run_dir is None:
-        run_dir = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
-    p = build.build_parts(acc, cfg, manifest, run_dir, mode)
-    p.config_note = choice.describe()
+        run_dir, lock = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
+    try:
+        p = build.build_parts(acc, cfg, manifest, run_dir, mode)
+    except BaseException:
+        build.release(lock)
+        raise
+    p.lock, p.config_note = lock, choice.describe()
     if msg:
         p.log.print(msg)
     p.log.print(choice.describe())
@@ -61,27 +67,42 @@ def log_batch_and_lr(p, step: int) -> None:
 
 
 def run(cfg: Config) -> int:
-    """Set up, train every remaining epoch, validate and checkpoint; returns the exit code."""
+    """Set up, train every remaining epoch, validate and checkpoint; returns the exit code.
+    A collective that fails because another rank stopped becomes this rank's one-line error."""
+    from histodist.training.distributed import peer_failure
+
+    try:
+        return _run(cfg)
+    except RuntimeError as e:
+        failure = peer_failure(e)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _run(cfg: Config) -> int:
     from histodist.training import build
     from histodist.training.distributed import set_cpu_threads
 
     p = setup(cfg)
-    st = build.resume_state(p)
-    acc = p.accelerator
-    threads = set_cpu_threads(p.cfg.train.threads, acc.device)
-    p.log.print(
-        f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on {acc.device}"
-        f" ({threads} threads), {len(p.train_loader)} batches of "
-        f"{p.cfg.optim.batch_size} per process per epoch"
-    )
-    log_batch_and_lr(p, st.step)
-    p.preempt.install()
     try:
+        st = build.resume_state(p)
+        acc = p.accelerator
+        threads = set_cpu_threads(p.cfg.train.threads, acc.device)
+        p.log.print(
+            f"run {p.run_dir}: {p.cfg.model.model}, {acc.num_processes} process(es) on "
+            f"{acc.device} ({threads} threads), {len(p.train_loader)} batches of "
+            f"{p.cfg.optim.batch_size} per process per epoch"
+        )
+        log_batch_and_lr(p, st.step)
+        p.preempt.install()
         reason = fit(p, st)
         p.log.finish(reason, checkpoints=p.cfg.log.wandb_checkpoints)
-    finally:
+        # On an error the handlers stay until main() has printed its line (see there).
         p.preempt.uninstall()
+    finally:
         p.log.close()
+        build.release(p.lock)
     return EXIT_NAN if reason == "nan" else 0
 
 
@@ -143,7 +164,22 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("train", lambda: run(parse_args(argv)))
+    # When an error ends training, its preemption handler (a flag, no exit) stays installed
+    # until the error's line is printed: the launcher sends SIGTERM to every rank as soon as
+    # one has ended, and a rank must not die of it before saying why it stops. The handlers
+    # this process had are restored here, after the line.
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        return run_cli(
+            "train",
+            lambda: run(parse_args(argv)),
+            disk_full="free space, then rerun with --resume (the checkpoints written are intact)",
+        )
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":

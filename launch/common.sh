@@ -84,3 +84,32 @@ export_nccl_env() {
     if [[ -n ${!var:-} ]]; then log "$var=${!var}"; fi
   done
 }
+
+# Runs a launcher (accelerate launch, torchrun) in the background and passes SIGTERM / SIGUSR1
+# sent to this script on to the launcher's children, the training processes, which save a
+# checkpoint and exit 0; the launcher then sees every worker succeed and exits 0 too. Left to
+# the launcher, the signal would end it with status 1 whatever its workers did: torch's
+# elastic agent stops the workers and re-raises the signal (SignalException, see
+# docs/cluster.md). `docker stop`, Kubernetes and `kill <pid>` signal this script's process.
+# Returns the launcher's status.
+run_launcher() {
+  "$@" &
+  local pid=$! status
+  # shellcheck disable=SC2064  # the pid is fixed now
+  trap "pass_signal TERM $pid" TERM
+  # shellcheck disable=SC2064
+  trap "pass_signal USR1 $pid" USR1
+  # A trapped signal interrupts `wait` (status 128+n); wait again until the launcher is gone.
+  while :; do
+    status=0
+    wait "$pid" || status=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - TERM USR1
+  return "$status"
+}
+
+pass_signal() {
+  log "SIG$1: passed to the training processes (each saves a checkpoint and exits)"
+  pkill "-$1" -P "$2" || true
+}

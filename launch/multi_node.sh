@@ -28,7 +28,7 @@ export_nccl_env
 log "node $NODE_RANK of $NUM_NODES, main process $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"
 log_world "$NUM_NODES" "$GPUS_PER_NODE"
 # --num_processes is the total over all nodes; accelerate derives the per-node count.
-exec accelerate launch "${ACCEL_ARGS[@]}" \
+run_launcher accelerate launch "${ACCEL_ARGS[@]}" \
   --num_machines "$NUM_NODES" --machine_rank "$NODE_RANK" \
   --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
   --num_processes "$((NUM_NODES * GPUS_PER_NODE))" --rdzv_backend static --same_network \

@@ -17,5 +17,5 @@ accelerate_common_args
 train_args
 export_nccl_env
 log_world 1 "$GPUS_PER_NODE"
-exec accelerate launch "${ACCEL_ARGS[@]}" --num_machines 1 --num_processes "$GPUS_PER_NODE" \
+run_launcher accelerate launch "${ACCEL_ARGS[@]}" --num_machines 1 --num_processes "$GPUS_PER_NODE" \
   --main_process_port "$MAIN_PROCESS_PORT" "${TRAIN_ARGS[@]}" "$@"

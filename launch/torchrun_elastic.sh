@@ -33,7 +33,7 @@ log "max restarts $MAX_RESTARTS, rendezvous $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT 
 log_world "$NUM_NODES" "$GPUS_PER_NODE"
 # The c10d rendezvous runs on the first node to arrive at the endpoint; node ranks are
 # assigned by the rendezvous, so the same command runs everywhere.
-exec torchrun --nnodes "$NUM_NODES" --nproc-per-node "$GPUS_PER_NODE" \
+run_launcher torchrun --nnodes "$NUM_NODES" --nproc-per-node "$GPUS_PER_NODE" \
   --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d \
   --rdzv-endpoint "$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT" --rdzv-id "$RDZV_ID" \
   "${TRAIN_ARGS[@]}" "$@"

@@ -81,7 +81,8 @@ def test_run_folder_records_the_choice(tmp_path, monkeypatch):
         def wait_for_everyone(self):
             pass
 
-    run_dir = build.prepare_run_dir(Acc(), cfg, {"classes": [0, 1]}, note=choice.describe())
+    run_dir, lock = build.prepare_run_dir(Acc(), cfg, {"classes": [0, 1]}, note=choice.describe())
+    build.release(lock)
     text = (run_dir / "config.yaml").read_text()
     assert text.startswith("# precision bf16 (auto: the CPU has native bf16 (avx512_bf16))")
     assert load_config(run_dir / "config.yaml").train.precision == "bf16"

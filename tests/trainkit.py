@@ -92,3 +92,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+FAULTY_TRAIN = ROOT / "tests" / "scripts" / "faulty_train.py"
+
+
+def launch_cmd(*args: str, processes: int = 2) -> list[str]:
+    """`accelerate launch` of `processes` CPU processes (gloo) running `args` (a script and its
+    flags, or "-m", module, flags); needs accelerate_cpu_env (ACCELERATE_USE_CPU)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *args]  # fmt: skip
+
+
+def processes_with(marker: str) -> list[str]:
+    """Command lines of the live processes (not zombies) whose command line holds `marker`
+    (e.g. a test's run folder: trainers and their forked DataLoader workers name it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone, or not a process folder
+        if marker in cmd and state != "Z" and proc.name != str(os.getpid()):
+            found.append(f"{proc.name}: {cmd[:200]}")
+    return found
+
+
+def bounded_run(args: list[str], marker: str, *, timeout: float, **extra: str):
+    """Run `args` (env() plus `extra`) in a session of its own and return (completed process,
+    seconds it took, processes naming `marker` still alive 10 s after it ended). A run past
+    `timeout` (a hang) is killed with every process naming `marker` and fails the test."""
+    import signal
+    import time
+
+    import pytest
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        left = processes_with(marker)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for line in left:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit within {timeout} s (a hang); alive: {left}\n{err[-3000:]}")
+    seconds = time.monotonic() - t0
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return done, seconds, processes_with(marker)

@@ -4,6 +4,7 @@ remote.py      open local paths, file://, http(s):// and pipe: URLs as streams
 tarstream.py   the streaming tar reader
 epoch_plan.py  which samples every rank and loader worker reads in a training epoch
 loader.py      the per-rank loader (train_loader, eval_loader, from_urls, to_device, ...)
+workers.py     its DataLoader worker processes: the signals they ignore, how they always end
 embeddings.py  the embedding-shard format written by `histodist.embed`
 
 The loader's public names are reachable here too (`from histodist import data;
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = frozenset({"remote", "tarstream", "epoch_plan", "loader", "embeddings"})
+_SUBMODULES = frozenset({"remote", "tarstream", "epoch_plan", "loader", "embeddings", "workers"})
 
 
 def __getattr__(name: str):

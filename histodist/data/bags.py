@@ -38,7 +38,8 @@ import torch
 from webdataset.tariterators import group_by_keys
 
 from histodist.data import embeddings
-from histodist.data.loader import _first_samples, _worker_init, load_manifest
+from histodist.data import workers as worker_procs
+from histodist.data.loader import _first_samples, load_manifest
 from histodist.data.remote import ShardError, join_url, open_url
 from histodist.data.tarstream import TarStreamError, iter_tar, locate
 
@@ -326,9 +327,15 @@ class BagLoader:
         multi = self.workers > 0
         loader = torch.utils.data.DataLoader(
             self.ds, sampler=self.items(), batch_size=None, num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if multi else None,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=worker_procs.init if multi else None,
         )  # fmt: skip
-        yield from loader
+        batches = iter(loader)
+        worker_procs.track(batches)
+        try:
+            yield from batches
+        finally:  # an epoch that ends early ends its workers now (histodist.data.workers)
+            worker_procs.stop(batches)
 
     def forever(self, epoch: int = 0) -> Iterator[dict]:
         """Batches of epochs `epoch`, `epoch` + 1, ... without end (lr_find)."""

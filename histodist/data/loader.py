@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import random
 import re
-import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -38,6 +37,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from histodist import samples
 from histodist.data import embeddings, epoch_plan
+from histodist.data import workers as worker_procs
 from histodist.data.remote import ShardError, join_url, open_url, read_text
 from histodist.data.tarstream import DigestReader, iter_tar
 from histodist.errors import HistodistError
@@ -544,17 +544,6 @@ class RankStream(IterableDataset):
         yield from with_counts(batches, counts)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is one image at a time; avoid oversubscribing the cores
-    # `timeout`, `docker stop`, Kubernetes and Slurm signal the whole process group: a worker
-    # killed by SIGTERM (or SIGUSR1, whose default action also ends a process) fails the
-    # trainer before it can checkpoint. Workers ignore them; the trainer's Preemption handler
-    # saves and then shuts the workers down. (SIGINT: torch's worker loop already exits quietly.)
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
 class ShardLoader:
     """Iterable of Batch for one rank; `len()` batches per epoch (exact for training)."""
 
@@ -577,7 +566,7 @@ class ShardLoader:
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=prefetch_factor if multi else None,
             persistent_workers=persistent_workers and multi,
-            worker_init_fn=_worker_init if multi else None,
+            worker_init_fn=worker_procs.init if multi else None,
         )
 
     def __len__(self) -> int:
@@ -605,8 +594,10 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._errors, self._bad = 0, set()
+        batches = iter(self.loader)
+        worker_procs.track(batches)
         try:
-            for item in self.loader:
+            for item in batches:
                 news = item.pop(_STATS, {})
                 self._errors += int(news.get("decode_errors", 0))
                 self._bad.update(news.get("bad_shards", ()))
@@ -618,6 +609,11 @@ class ShardLoader:
             raise type(exn)(
                 last.split("Error: ", 1)[-1] if "Traceback" in str(exn) else last
             ) from exn
+        finally:
+            # An epoch that ends early (an error here or in the training loop, a consumer that
+            # stops) ends its workers now, not at garbage collection: see histodist.data.workers.
+            if not self.loader.persistent_workers:
+                worker_procs.stop(batches)
         if self._errors or self._bad:
             log.warning(
                 "histodist.data.loader: epoch %d: %d samples failed to decode and were skipped, "

@@ -22,7 +22,7 @@ from histodist.data import loader as data
 from histodist.errors import UsageError
 from histodist.fileio import atomic_write
 from histodist.models import adapt, build_model, model_norm, set_backbone_trainable
-from histodist.training import mil
+from histodist.training import mil, runlock
 from histodist.training.checkpoint import STEP
 from histodist.training.loop import Parts, State
 from histodist.training.optim import build_optimizer, build_scheduler, scaled_lr, schedule_length
@@ -123,32 +123,55 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.runs_dir) / (f"{name}-{swept}" if swept else name)
 
 
-def prepare_run_dir(acc, cfg: Config, manifest: dict, note: str | None = None) -> Path:
-    """runs/<name>/ for this run. A new run gets config.yaml (`note` as its leading comment)
-    and manifest.json now; a run that holds a checkpoint needs --resume, and its saved config
-    is checked against this one (the files are rewritten only once its state has loaded, by
-    resume_state). The main process looks at the folder and broadcasts what it found."""
-    from histodist.training.checkpoint import broadcast, has_checkpoint, resume_conflicts
+def prepare_run_dir(
+    acc, cfg: Config, manifest: dict, note: str | None = None
+) -> tuple[Path, runlock.RunLock | None]:
+    """runs/<name>/ for this run and its lock: (run folder, RunLock on the main process or
+    None). The main process locks the folder for the run's life (training.runlock; another
+    run holding it is an error), then a new run gets config.yaml (`note` as its leading
+    comment) and manifest.json now; a run that holds a checkpoint needs --resume, and its saved
+    config and manifest are checked against this one (the files are rewritten only once its
+    state has loaded, by resume_state). The main process looks at the folder and broadcasts
+    what it found, or its error: every rank raises it, none waits for the others."""
+    from histodist.training.checkpoint import has_checkpoint, resume_conflicts
+    from histodist.training.distributed import on_main
 
-    run_dir = run_dir_for(cfg)
-    held, conflicts = False, []
-    if acc.is_main_process:
+    run_dir, held_lock = run_dir_for(cfg), []
+
+    def look() -> tuple[str | None, bool, list[str]]:
+        lock, warning = runlock.acquire(run_dir)
+        held_lock.append(lock)
         held = has_checkpoint(run_dir / "checkpoints")
         conflicts = resume_conflicts(run_dir, cfg, manifest) if held and cfg.train.resume else []
         if not held:
             write_run_files(cfg, manifest, run_dir, note)
-    held, conflicts = broadcast(acc, (held, conflicts))
-    if held and not cfg.train.resume:
-        raise TrainError(
-            f"{run_dir}: already holds a checkpoint; pass --resume to continue it "
-            "or --run-name NEW for a new run"
-        )
-    if conflicts:
-        raise TrainError(
-            f"{run_dir}: --resume with settings its checkpoint cannot take: "
-            f"{'; '.join(conflicts)}; keep them or pass --run-name NEW"
-        )
-    return run_dir
+        return warning, held, conflicts
+
+    try:
+        warning, held, conflicts = on_main(acc, look)
+        if warning:
+            acc.print(warning)
+        if held and not cfg.train.resume:
+            raise TrainError(
+                f"{run_dir}: already holds a checkpoint; pass --resume to continue it "
+                "or --run-name NEW for a new run"
+            )
+        if conflicts:
+            raise TrainError(
+                f"{run_dir}: --resume with settings its checkpoint cannot take: "
+                f"{'; '.join(conflicts)}; keep them, or pass --run-name NEW for a new run "
+                f"(--weights {run_dir}/checkpoints/last starts it from this run's weights)"
+            )
+    except BaseException:
+        release(held_lock[0] if held_lock else None)
+        raise
+    return run_dir, held_lock[0] if held_lock else None
+
+
+def release(lock: runlock.RunLock | None) -> None:
+    """Release a run folder's lock (None: nothing held on this process)."""
+    if lock is not None:
+        lock.release()
 
 
 def write_run_files(cfg: Config, manifest: dict, run_dir: Path, note: str | None = None) -> None:

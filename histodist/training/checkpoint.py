@@ -36,6 +36,7 @@ import torch
 from histodist.errors import HistodistError
 from histodist.fileio import atomic_path, atomic_write
 from histodist.fileio import sync_to_disk as _fsync
+from histodist.training.distributed import agree, broadcast
 from histodist.version import version_string
 
 STEP = "step-{:09d}"
@@ -143,19 +144,7 @@ def _protected(root: Path, meta: dict) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- collectives
-def broadcast(accelerator, obj: Any) -> Any:
-    """The main process's `obj` (a small picklable value) on every rank: decisions about files
-    are taken where they are written, never from another node's possibly stale view."""
-    if accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([obj])[0]
-
-
 def _any_rank(accelerator, flag: bool) -> bool:
-    from histodist.training.distributed import agree
-
     return bool(agree(accelerator, flag)[0])
 
 
@@ -299,6 +288,7 @@ def resume(accelerator, root: Path, extra: dict | None = None, say=print) -> dic
             say(f"{root / name}: cannot load ({error or 'failed on another rank'}); trying older")
             continue
         meta = read_meta(root / name)
+        _say_rng_refused(accelerator, root / name, meta, say)
         if accelerator.is_main_process:
             _repair(root, name, names[:i], meta, say)
         accelerator.wait_for_everyone()
@@ -335,6 +325,31 @@ def _try_load(accelerator, folder: Path, extra: dict) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means: try an older state
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e) else repr(e)
     return None
+
+
+def _say_rng_refused(accelerator, folder: Path, meta: dict, say) -> None:
+    """One line per rank whose random-state file of the loaded state was not restored:
+    accelerate's load_state skips such a file (not a safe format, unreadable, missing) without
+    a word, and the run then goes on with fresh random states (collective)."""
+    from accelerate.utils import RNG_STATE_NAME, gather_object, load
+
+    rank, note = accelerator.process_index, None
+    path = folder / f"{RNG_STATE_NAME}_{rank}.pkl"
+    # A rank beyond the saved world size (a resume at a new layout) has no file to restore.
+    if path.exists() or rank < int(meta.get("world_size", 1)):
+        try:
+            # What load_state reads: torch.load(weights_only=True), numpy's types allowed.
+            if "torch_manual_seed" not in load(path):
+                raise ValueError("no torch random state in it")
+        except Exception as e:  # noqa: BLE001 - any failure means: not restored
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            note = (
+                f"{path}: random states not restored ({type(e).__name__}: {why}); training "
+                "goes on with fresh ones, so it is no longer bitwise reproducible"
+            )
+    for line in gather_object([note]):
+        if line:
+            say(line)
 
 
 def _repair(root: Path, name: str, newer: list[str], meta: dict, say) -> None:
@@ -388,10 +403,45 @@ def resume_conflicts(run_dir: Path, cfg, manifest: dict) -> list[str]:
     if (saved["optim"]["ema"] > 0) != (new["optim"]["ema"] > 0):
         out.append(f"optim.ema {saved['optim']['ema']} -> {new['optim']['ema']}")
     mpath = Path(run_dir) / "manifest.json"
-    old_classes = json.loads(mpath.read_text()).get("classes") if mpath.is_file() else None
-    if old_classes is not None and old_classes != manifest.get("classes"):
-        out.append(f"classes {old_classes} -> {manifest.get('classes')}")
+    if mpath.is_file():
+        changed = data_changes(json.loads(mpath.read_text()), manifest)
+        if changed:
+            out.append(f"the shards hold other data than {mpath} ({'; '.join(changed)})")
     return out
+
+
+def data_changes(old: dict, new: dict) -> list[str]:
+    """What differs between the manifest a run trained on and the shards' manifest now, in the
+    data itself: classes, image size and normalisation, and per split the sample and class
+    counts and the shards (names, sample counts, sha256). Provenance (command, creation time,
+    version, source path) is not data: shards written again from the same images are equal."""
+    out = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("classes", "image", "mean", "std")
+           if old.get(k) != new.get(k)]  # fmt: skip
+    before, after = old.get("splits") or {}, new.get("splits") or {}
+    for split in sorted(set(before) | set(after)):
+        a, b = before.get(split), after.get(split)
+        if a is None or b is None:
+            out.append(f"split {split} {'added' if a is None else 'removed'}")
+            continue
+        out += [f"splits.{split}.{k} {a.get(k)} -> {b.get(k)}"
+                for k in ("num_samples", "class_counts") if a.get(k) != b.get(k)]  # fmt: skip
+        shards_a, shards_b = (
+            {e.get("name"): (e.get("num_samples"), e.get("sha256")) for e in x.get("shards", [])}
+            for x in (a, b)
+        )
+        common = set(shards_a) & set(shards_b)
+        for what, names in (
+            ("removed", set(shards_a) - common),
+            ("added", set(shards_b) - common),
+            ("with other contents", {n for n in common if shards_a[n] != shards_b[n]}),
+        ):
+            if names:
+                out.append(f"{split} shards {what}: {_some(sorted(names))}")
+    return out
+
+
+def _some(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 # ----------------------------------------------------------------------------- reading

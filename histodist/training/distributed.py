@@ -1,24 +1,39 @@
-"""Process-level helpers: preemption signals, cross-rank flags and gathers, per-step seeds,
-determinism."""
+"""Process-level helpers: preemption signals, cross-rank agreement, decisions and gathers,
+per-step seeds, determinism."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+from histodist.errors import HistodistError
+
+T = TypeVar("T")
 
 
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag instead of killing the process; the training loop checks it
-    every optimizer step on one process, and at every log line (through `agree`, one
-    all-reduce) on several, so that all ranks save and exit together."""
+    every optimizer step on one process. On several, the ranks agree on it (`agree`, one
+    all-reduce, a host sync) so that all save and exit together: at every log line, and in
+    between at least every INTERVAL_S seconds of training, so that a signal is acted on in
+    bounded time however long a step takes (the launcher kills the ranks some 30 s after its
+    SIGTERM). The steps between agreements are agreed at each one from the slowest rank's
+    step time: with fast steps that is --log-every (no sync but the log line's), with steps
+    slower than INTERVAL_S / --log-every it is fewer, down to one."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    INTERVAL_S = 5.0
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict = {}
+        self.next_step = 1  # the first agreement measures the step time
+        self._since: tuple[float, int] | None = None  # (time, step) of the last agreement
 
     def install(self) -> Preemption:
         for name in self.SIGNALS:
@@ -34,6 +49,28 @@ class Preemption:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+
+    def agreed_if_due(self, accelerator, step: int, log_every: int) -> bool:
+        """`agree` when the schedule says so after optimizer step `step` (the same on every
+        rank: the schedule is itself agreed), else False without communicating."""
+        return step >= self.next_step and self.agree(accelerator, step, log_every)
+
+    def restart_clock(self, step: int) -> None:
+        """Time steps from now (an epoch starts: validation time is not a step's)."""
+        self._since = (time.monotonic(), step)
+
+    def agree(self, accelerator, step: int, log_every: int) -> bool:
+        """One all-reduce: whether any rank got a signal; also sets the next agreement step
+        from the slowest rank's step time since the last agreement."""
+        now = time.monotonic()
+        per_step = 0.0
+        if self._since is not None and step > self._since[1]:
+            per_step = (now - self._since[0]) / (step - self._since[1])
+        signalled, slowest = agree(accelerator, self.received is not None, per_step)
+        gap = log_every if slowest <= 0 else int(self.INTERVAL_S / slowest)
+        self.next_step = step + max(1, min(log_every, gap))
+        self._since = (time.monotonic(), step)
+        return bool(signalled)
 
 
 class NonFinite:
@@ -65,6 +102,57 @@ def agree(accelerator, *flags: float) -> list[float]:
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="max")
     return t.tolist()
+
+
+def broadcast(accelerator, obj: Any) -> Any:
+    """The main process's `obj` (a small picklable value) on every rank: decisions about files
+    are taken where they are written, never from another node's possibly stale view."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]
+
+
+def on_main(accelerator, fn: Callable[[], T]) -> T:
+    """`fn()` run on the main process, its result on every rank (collective). An expected
+    error raised there (a HistodistError, or an OSError such as a full disk) is raised on every
+    rank, so that no rank is left waiting in a collective for a main process that has left."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except (HistodistError, OSError) as e:
+            error = e
+    result, error = broadcast(accelerator, (result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+class PeerFailure(HistodistError):
+    """A collective failed because another process of the run stopped (its own error says
+    why) or cannot be reached."""
+
+
+def peer_failure(exc: BaseException) -> PeerFailure | None:
+    """The one-line error for a collective that failed on this rank because another rank left
+    (gloo: "Connection closed by peer"; NCCL: a DistBackendError), or None when `exc` is not
+    that or no process group of several ranks is running."""
+    dist = torch.distributed
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size() < 2:
+        return None
+    text = str(exc).strip()
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(s in text for s in lost)):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return PeerFailure(
+        f"rank {dist.get_rank()}: another process of this run stopped or cannot be reached "
+        f"(its own error is above or in its log), so this one stops too ({first[:200]})"
+    )
 
 
 def gather_varlen(accelerator, t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 from histodist import metrics
 from histodist.inference.core import tta_probs
 from histodist.training import checkpoint as ckpt
-from histodist.training.distributed import NonFinite, Preemption, agree, gather_varlen, step_seed
+from histodist.training.distributed import NonFinite, Preemption, gather_varlen, step_seed
 from histodist.training.monitor import Monitor
 from histodist.training.tracking import RunLog
 
@@ -76,6 +76,7 @@ class Parts:
     # (forward, x, y, batch) -> loss, replacing criterion(forward(x), y): a MIL head's loss
     # (training.mil.BagLoss: per-bag weights, the label inside the forward pass)
     objective: nn.Module | None = None
+    lock: Any = None  # the run folder's lock (training.runlock), held by the main process
 
 
 class StopTraining(Exception):
@@ -106,6 +107,7 @@ def train_one_epoch(p: Parts, st: State) -> None:
     per_batch = cfg.optim.batch_size * acc.num_processes  # samples per micro-batch, all ranks
     bar = _bar(p, stop, skip, f"epoch {st.epoch + 1}/{cfg.train.epochs}")
     window = Window()
+    p.preempt.restart_clock(st.step)
     batches = enumerate(p.monitor.batches(p.train_loader, acc.device))
     if stop < n:  # stop early without fetching (and recording) a batch past `stop`
         batches = itertools.islice(batches, stop)
@@ -180,7 +182,8 @@ def optimizer_step(p: Parts, st: State, window: Window) -> None:
     """Clip, step and schedule. When any rank saw a NaN/inf loss in this window the update is
     dropped on every rank, decided on the device (the fused optimizer's found_inf, as AMP
     skips an overflowing step), so nothing here waits for the GPU; check_health reads the count
-    at log time. Raises StopTraining on preemption (one process; several agree at log time)."""
+    at log time. Raises StopTraining on preemption: one process looks at its flag every step,
+    several agree on it at the times Preemption schedules (distributed.Preemption)."""
     acc = p.accelerator
     if p.nonfinite is None:
         p.nonfinite = NonFinite(acc.device, st.bad_steps)
@@ -196,7 +199,13 @@ def optimizer_step(p: Parts, st: State, window: Window) -> None:
     p.scheduler.step()
     p.optimizer.zero_grad(set_to_none=True)
     st.step += 1
-    if acc.num_processes == 1 and p.preempt.received is not None:
+    if acc.num_processes == 1:
+        if p.preempt.received is not None:
+            raise StopTraining("preempted")
+    # Several: between log lines (check_health agrees at those) only when steps are slow.
+    elif st.step % p.cfg.log.log_every and p.preempt.agreed_if_due(
+        acc, st.step, p.cfg.log.log_every
+    ):
         raise StopTraining("preempted")
 
 
@@ -232,10 +241,9 @@ def check_health(p: Parts, st: State) -> None:
         if worst >= p.cfg.train.max_bad_steps:
             st.bad_steps = worst
             raise StopTraining("nan")
-    if p.accelerator.num_processes > 1:
-        (signalled,) = agree(p.accelerator, p.preempt.received is not None)
-        if signalled:
-            raise StopTraining("preempted")
+    acc = p.accelerator
+    if acc.num_processes > 1 and p.preempt.agree(acc, st.step, p.cfg.log.log_every):
+        raise StopTraining("preempted")
 
 
 def after_step(p: Parts, st: State, window: Window, bar) -> None:
