@@ -372,18 +372,17 @@ def timm_info(name: str, manifest: dict) -> dict:
 
 def verify(folder: str | Path) -> int:
     """Re-read every shard of `folder` and compare with manifest.json; returns shards checked."""
+    from histodist.data.loader import load_manifest  # torch: only for --verify
+
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{folder / 'manifest.json'}: cannot read the manifest ({e})") from e
+    manifest = load_manifest(str(folder))  # checks the schema and every shard name first
     n = 0
     for split, s in manifest["splits"].items():
         for sh in s["shards"]:
             path = folder / sh["name"]
             if not path.is_file():
                 raise ShardError(f"{path}: shard missing")
-            if path.stat().st_size != sh["bytes"] or file_digest(path) != sh["sha256"]:
+            if path.stat().st_size != sh.get("bytes") or file_digest(path) != sh.get("sha256"):
                 raise ShardError(f"{path}: sha256 or size differs from the manifest")
             try:
                 count = len(read_shard_keys(path))

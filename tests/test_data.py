@@ -464,3 +464,68 @@ def test_package_forwards_loader_names_and_its_light_modules_import_no_torch():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert proc.stdout.strip() == "NO-TORCH", proc.stdout + proc.stderr
+
+
+def _planted(shards: str, out: Path, name: str) -> Path:
+    """A copy of the shards whose manifest names its first train shard `name`."""
+    import shutil
+
+    shutil.copytree(shards, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["name"] = name
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _hostile_names(shards: str, marker: Path) -> list[str]:
+    real = f"{shards}/train-000000.tar"
+    return [f"pipe:touch {marker}; cat {real}", real, "../shards/train-000000.tar",
+            f"file://{real}", "http://127.0.0.1:9/train-000000.tar", "..", "a\\b.tar"]  # fmt: skip
+
+
+def test_manifest_shard_names_never_run_a_command_or_leave_the_folder(shards, tmp_path):
+    """A manifest travels with its shards; a shard name that is a command, a URL or a path
+    is refused before any shard is read, by the manifest check every command goes through."""
+    marker = tmp_path / "PWNED"
+    for i, name in enumerate(_hostile_names(shards, marker)):
+        planted = _planted(shards, tmp_path / f"p{i}", name)
+        with pytest.raises(ShardError, match=r"train.shards\[0\].name .* not a file name"):
+            data.load_manifest(str(planted))
+        with pytest.raises(ShardError, match="not a file name"):
+            data.train_loader(str(planted), batch_size=4, rank=0, world_size=1, workers=0)
+    assert not marker.exists()
+    base = f"pipe:cat {shards}/{{}}"  # the user's own --shards may still be a command
+    assert len(data.load_manifest(base)["splits"]["train"]["shards"]) == 3
+
+
+def _planted_cli(cmd: str, planted: Path, tmp_path: Path) -> list[str]:
+    from runkit import untrained_run
+
+    tiny = ["--model", "small-cnn", "--image-size", "32", "--workers", "0", "--wandb",
+            "disabled", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
+    if cmd == "train":
+        return ["--shards", str(planted), *tiny]
+    if cmd == "lr_find":
+        return ["--shards", str(planted), *tiny, "--out", str(tmp_path / "lr.png")]
+    run = str(untrained_run(tmp_path / "run", ["0", "1"]))
+    if cmd == "evaluate":
+        return ["--run", run, "--shards", str(planted), "--split", "train"]
+    if cmd == "predict":
+        out = str(tmp_path / "p.csv")
+        return ["--run", run, "--input", str(planted), "--split", "train", "--out", out]
+    if cmd == "embed":
+        return ["--model", "small-cnn", "--shards", str(planted), "--out", str(tmp_path / "e")]
+    return ["--verify", str(planted)]
+
+
+@pytest.mark.parametrize("cmd", ["train", "lr_find", "evaluate", "predict", "embed", "shard"])
+def test_every_command_refuses_a_manifest_that_names_a_command(cmd, shards, tmp_path, capsys):
+    import importlib
+
+    marker = tmp_path / "PWNED"
+    planted = _planted(shards, tmp_path / "planted", _hostile_names(shards, marker)[0])
+    argv = _planted_cli(cmd, planted, tmp_path)
+    assert importlib.import_module(f"histodist.{cmd}").main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"histodist.{cmd}: error: ") and "not a file name" in err[-1]
+    assert not marker.exists()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from histodist.data import embeddings, epoch_plan
-from histodist.data.remote import ShardError, join_url, open_url, read_text
+from histodist.data.remote import ShardError, join_url, open_url, plain_name_problem, read_text
 from histodist.data.tarstream import DigestReader, iter_tar
 from histodist.errors import HistodistError
 from histodist.fileio import IMAGE_EXTENSIONS
@@ -77,7 +77,22 @@ def load_manifest(shards: str) -> dict:
         raise ShardError(
             f"{url}: not a histodist shard manifest ({problem}); re-run histodist.shard"
         )
+    _check_shard_names(manifest, url)
     return manifest
+
+
+def _check_shard_names(manifest: dict, url: str) -> None:
+    """Every shard name must be a file name of the manifest's folder, checked before any shard
+    is opened: a manifest arrives with the shards (a collaborator's folder, a web server), so a
+    name in it must never run a `pipe:` command, fetch a URL or reach outside the folder."""
+    for split, s in manifest["splits"].items():
+        for i, e in enumerate(s["shards"]):
+            bad = plain_name_problem(e["name"])
+            if bad:
+                raise ShardError(
+                    f"{url}: splits.{split}.shards[{i}].name {e['name']!r} is not a file name "
+                    f"of the shard folder ({bad}); pipe: commands and URLs go in --shards only"
+                )
 
 
 def _shard_hint(shards: str) -> str:
