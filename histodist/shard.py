@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -30,10 +29,10 @@ from tqdm import tqdm
 from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
 from histodist.errors import run_cli
 from histodist.fileio import atomic_write, file_digest
-from histodist.ingest import imageio, sources
+from histodist.ingest import imageio, outdir, sources
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
 from histodist.ingest.sources.split import split_items
-from histodist.ingest.writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
+from histodist.ingest.writer import ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
 FORMAT = "histodist-shards/1"
@@ -57,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", metavar="DIR", help="output folder: shards, manifest.json, _info.json")
     add("--name", help="dataset name in the manifest (default: --out's folder name)")
     add("--verify", metavar="DIR", help="re-read every shard of DIR against its manifest")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds files histodist.shard did not write: they are "
+        "kept, except files named like the shards, manifest.json or _info.json it writes",
+    )
     add("--val-fraction", type=float, metavar="F", help="made valid split share (default 0.1)")
     add("--test-fraction", type=float, metavar="F", help="made test split share (default 0.1)")
     add("--seed", type=int, default=0, help="seed of the made split and sample order (0)")
@@ -129,19 +134,19 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         args.group_column,
         args.cache_dir,
     )
+    out = Path(args.out)
+    found = outdir.claim(out, args.overwrite)  # refuses a folder of the user's files first
     scan = sources.scan(args.dataset, args.src, opts)
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("manifest.json", "_info.json"):  # an interrupted run must not look complete
-        (out / stale).unlink(missing_ok=True)
+    outdir.start(found)  # an interrupted run must not look complete
     tasks = plan(scan, splits, out, args)
     records = write_all(tasks, args.workers)
     reused = sum(r["reused"] for r in records.values())
     if reused:
         print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
               "(complete and unchanged since they were written)")  # fmt: skip
-    remove_stale(out, {t.name for t in tasks})
+    outdir.remove_stale(found, {t.name for t in tasks})
     name = args.name or out.resolve().name
     manifest = build_manifest(name, args, scan, splits, records, argv)
     _atomic_json(out / "_info.json", timm_info(name, manifest))
@@ -286,15 +291,6 @@ def _done(records: dict, rec: dict, bar: tqdm, size: dict) -> None:
     bar.update(size[rec["name"]])
     for r in [] if rec["reused"] else rec["rejected"]:
         tqdm.write(f"histodist.shard: warning: skipped {r['source']}: {r['reason']}", sys.stderr)
-
-
-def remove_stale(out: Path, keep: set[str]) -> None:
-    """Delete shards (and temporaries) of an earlier plan that this run did not write."""
-    for p in out.iterdir():
-        shard = r"[A-Za-z0-9_]+-\d{6}\.tar"  # a temporary: .<shard>.<random>.tmp (fileio)
-        if re.fullmatch(rf"{shard}(\.tmp)?|\.{shard}\.\w+\.tmp", p.name) and p.name not in keep:
-            p.unlink()
-            (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
 
 
 def build_manifest(name, args, scan, splits, records, argv) -> dict:
