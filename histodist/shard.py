@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
-from histodist.errors import run_cli
+from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_write, file_digest
 from histodist.ingest import imageio, outdir, sources
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
@@ -161,18 +161,18 @@ def make_splits(scan: Scan, val: float | None, test: float | None, seed: int) ->
         fractions = {}
         for split, given in (("valid", val), ("test", test)):
             if split in splits and given:
-                raise ShardError(
+                raise UsageError(
                     f"--{split.replace('valid', 'val')}-fraction: the source "
                     f"already has an official {split} split"
                 )
             if split not in splits:
                 fractions[split] = 0.1 if given is None else given
         if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
-            raise ShardError(f"split fractions {fractions} must be in [0, 1) and sum below 1")
+            raise UsageError(f"split fractions {fractions} must be in [0, 1) and sum below 1")
         carved = split_items(scan.pool, len(scan.classes), fractions, seed)
         splits = {**carved, **splits}
     elif val or test:
-        raise ShardError("--val-fraction/--test-fraction: the source has official splits")
+        raise UsageError("--val-fraction/--test-fraction: the source has official splits")
     if not scan.ordered:  # mix classes inside every shard (sources list files class by class)
         for i, name in enumerate(sorted(splits)):
             random.Random(seed * 1000 + i).shuffle(splits[name])
@@ -213,7 +213,7 @@ def samples_per_shard(scan: Scan, items: list[Item], requested: int | None) -> i
     but at least MIN_SHARDS per split."""
     if requested is not None:
         if requested < 1:
-            raise ShardError("--samples-per-shard must be >= 1")
+            raise UsageError(f"--samples-per-shard {requested}: must be >= 1")
         return requested
     if isinstance(scan.reader, FileReader) and items:
         probe = [Path(scan.reader.root) / it.source for it in items[:: max(1, len(items) // 200)]]

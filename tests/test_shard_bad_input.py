@@ -299,3 +299,15 @@ def test_a_shard_file_never_exists_without_its_record(tmp_path, pcam_jpeg, monke
     monkeypatch.setattr(fileio.os, "replace", replace)
     assert run("--dataset", "folder", "--src", src, "--out", out, "--workers", 1) == 0
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--samples-per-shard", 0], "--samples-per-shard 0"),
+     (["--val-fraction", "nan"], "split fractions"), (["--test-fraction", 1.5], "split fractions")],
+)  # fmt: skip
+def test_flags_that_cannot_work_exit_2(tmp_path, pcam_jpeg, capsys, flags, expected):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=2, splits=False)
+    assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "out", *flags) == 2
+    one_line_error(capsys, expected)
+    assert_nothing_written(tmp_path / "out")
