@@ -341,17 +341,29 @@ def decode_sample(raw: dict, image_size: tuple[int, int] | None) -> dict:
     return {"image": img, "label": label, "key": raw["__key__"], "group": meta.get("group")}
 
 
-def decoded(samples: Iterable[dict], counts: dict, image_size) -> Iterator[dict]:
-    """Decode stage: a sample that fails to decode is skipped and counted."""
+def decoded(
+    samples: Iterable[dict], counts: dict, image_size, num_classes: int | None = None
+) -> Iterator[dict]:
+    """Decode stage: a sample that fails to decode is skipped and counted. A label outside
+    the manifest's `num_classes` classes (-1: unlabelled) raises DataError naming the shard
+    and key: the loss would fail on it mid-epoch, and a skip would hide a mislabelled set."""
     for raw in samples:
         try:
-            yield decode_sample(raw, image_size)
+            sample = decode_sample(raw, image_size)
         except Exception as exn:
             counts["decode_errors"] += 1
             if counts["decode_errors"] <= 3:  # a few messages, the total goes to stats()
                 warnings.warn(
                     f"skipping {raw.get('__url__')}:{raw.get('__key__')}: {exn}", stacklevel=1
                 )
+            continue
+        if num_classes is not None and not -1 <= sample["label"] < num_classes:
+            raise DataError(
+                f"{raw.get('__url__')}: sample {raw.get('__key__')}: .cls {sample['label']} is "
+                f"not a class of the manifest's {num_classes} (0..{num_classes - 1}); fix or "
+                "re-create the shard"
+            )
+        yield sample
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -444,6 +456,7 @@ class RankStream(IterableDataset):
         cache_dir: str | None = None,
         digests: dict[str, str] | None = None,
         sizes: list[int] | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if not shards:
@@ -459,6 +472,7 @@ class RankStream(IterableDataset):
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
         self.digests = digests  # {url: sha256} to check while streaming, or None
+        self.num_classes = num_classes  # labels must lie in [0, num_classes) (or be -1)
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
 
@@ -539,7 +553,8 @@ class RankStream(IterableDataset):
         worker, workers = worker_context()
         counts = {"decode_errors": 0, "bad_shards": set()}
         train = self.steps is not None
-        samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size)
+        samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size,
+                          self.num_classes)  # fmt: skip
         if train:  # exactly the quota's samples: batched() pulls one more before yielding a batch
             quota = epoch_plan.worker_quotas(self.steps, workers)[worker]
             samples = islice(samples, quota * self.batch_size)
@@ -660,7 +675,8 @@ class LoaderOptions:
 def _loader(
     o: LoaderOptions, shards: list[tuple[str, int]], *, steps: int | None, length: int, **kw
 ) -> ShardLoader:
-    """The rank's RankStream over `shards` and its ShardLoader (`kw`: digests, sizes)."""
+    """The rank's RankStream over `shards` and its ShardLoader (`kw`: digests, sizes,
+    num_classes)."""
     ds = RankStream(
         shards, rank=o.rank, world_size=o.world_size, batch_size=o.batch_size, steps=steps,
         seed=o.seed, shuffle_buffer=o.shuffle_buffer, resample=o.resample,
@@ -691,7 +707,8 @@ def train_loader(shards: str, split: str = "train", **options) -> ShardLoader:
     urls = split_shards(manifest, split, shards)
     steps = steps_per_epoch(manifest["splits"][split]["num_samples"], o.world_size, o.batch_size)
     digests = shard_digests(manifest, split, shards) if o.verify_shards else None
-    return _loader(o, urls, steps=steps, length=steps, digests=digests)
+    return _loader(o, urls, steps=steps, length=steps, digests=digests,
+                   num_classes=len(manifest["classes"]))  # fmt: skip
 
 
 def eval_loader(shards: str, split: str, **options) -> ShardLoader:
@@ -706,7 +723,8 @@ def eval_loader(shards: str, split: str, **options) -> ShardLoader:
     urls = split_shards(manifest, split, shards)
     length = _eval_length(urls, o.rank, o.world_size, o.workers, o.batch_size)
     digests = shard_digests(manifest, split, shards) if o.verify_shards else None
-    return _loader(o, urls, steps=None, length=length, digests=digests)
+    return _loader(o, urls, steps=None, length=length, digests=digests,
+                   num_classes=len(manifest["classes"]))  # fmt: skip
 
 
 def from_urls(
