@@ -311,3 +311,33 @@ def test_flags_that_cannot_work_exit_2(tmp_path, pcam_jpeg, capsys, flags, expec
     assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "out", *flags) == 2
     one_line_error(capsys, expected)
     assert_nothing_written(tmp_path / "out")
+
+
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """Make `folder` fail to list as a chmod 000 folder does for a normal user (root reads
+    through chmod 000, so the test raises the same PermissionError os.scandir would)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_class_folder_is_refused_not_dropped(tmp_path, pcam_jpeg, capsys, monkeypatch):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)
+    _unlistable(monkeypatch, src / "valid" / "1")
+    out = tmp_path / "out"
+    assert run("--dataset", "folder", "--src", src, "--out", out) == 1
+    one_line_error(capsys, str(src / "valid" / "1"), "cannot list this folder", "Permission")
+    assert_nothing_written(out)
+    sub = src / "train" / "0" / "more"  # a folder deeper inside a class folder as well
+    sub.mkdir()
+    monkeypatch.undo()
+    _unlistable(monkeypatch, sub)
+    assert run("--dataset", "folder", "--src", src, "--out", out) == 1
+    one_line_error(capsys, str(sub), "cannot list this folder")
