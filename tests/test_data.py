@@ -529,3 +529,36 @@ def test_every_command_refuses_a_manifest_that_names_a_command(cmd, shards, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"histodist.{cmd}: error: ") and "not a file name" in err[-1]
     assert not marker.exists()
+
+
+def test_manifest_that_undercounts_a_shard_is_refused_while_reading(shards, tmp_path):
+    """train-000000.tar holds 10 samples, the manifest says 6 (the split's total still 24):
+    the epoch used to leave 4 unread and repeat 4 others; the reader now stops, naming it."""
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "u")
+    m = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["num_samples"] = 6
+    (tmp_path / "u" / "manifest.json").write_text(json.dumps(m))
+    expected = "train-000000.tar: holds more samples than the 6 manifest.json says"
+    for seed in (0, 1, 2):  # other seeds cut the shard into other pieces
+        loader = data.train_loader(str(tmp_path / "u"), batch_size=4, rank=0, world_size=1,
+                                   workers=0, seed=seed, shuffle_buffer=0)  # fmt: skip
+        with pytest.raises(ShardError, match=expected):
+            list(loader)
+    loader = data.eval_loader(str(tmp_path / "u"), "train", batch_size=4, rank=0, world_size=1,
+                              workers=0)  # fmt: skip
+    with pytest.raises(ShardError, match=expected):
+        list(loader)
+
+
+def test_label_outside_the_classes_stops_every_loader(shards, tmp_path, images):
+    key = images["train"][5][0].stem
+    write_shards(tmp_path, {"train": images["train"]}, SIZES, extra_members={key: {"cls": b"7"}})
+    for loader in (
+        data.train_loader(str(tmp_path), batch_size=4, rank=0, world_size=1, workers=0),
+        data.eval_loader(str(tmp_path), "train", batch_size=4, rank=0, world_size=1, workers=0),
+    ):
+        with pytest.raises(data.DataError, match=rf"train-000000.tar: sample {key}: .cls 7 ") as e:
+            list(loader)
+        assert "\n" not in str(e.value)

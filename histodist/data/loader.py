@@ -198,8 +198,8 @@ def shard_samples(
     """Open one shard and yield its raw samples (dict of member bytes keyed by extension),
     from sample number `start` on (the samples before it are passed over, not decoded).
 
-    A shard that cannot be opened, is truncated, or holds fewer samples than the manifest says
-    raises ShardError naming it; with `skip_bad` its URL joins the set counts["bad_shards"]
+    A shard that cannot be opened, is truncated, or holds fewer or more samples than the
+    manifest says (`shard`'s count; 0: unknown, not checked) raises ShardError naming it; with `skip_bad` its URL joins the set counts["bad_shards"]
     instead (samples read before the damage are kept). `digest`: the manifest's sha256 of the
     shard, checked over the bytes as they stream (the samples before `start` are then read
     through, not seeked over); a mismatch is found at the end of the shard, after its samples
@@ -219,6 +219,11 @@ def shard_samples(
             files = ({"fname": name, "data": data, "__url__": url} for name, data in members)
             for sample in group_by_keys(files):
                 n += 1
+                if expected and n > expected:  # else the plan never reads the extra samples
+                    raise ShardError(
+                        f"{url}: holds more samples than the {expected} manifest.json says; "
+                        "re-create the shards with histodist.shard (or correct the manifest)"
+                    )
                 yield sample
             actual = stream.hexdigest() if digest else None
         finally:
@@ -510,16 +515,18 @@ class RankStream(IterableDataset):
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
     def _read_pieces(self, pieces: list[epoch_plan.Piece], counts: dict) -> Iterator:
-        """Raw samples of each piece: its shard from `start` on, closed after `stop`. With
-        verify_shards, a piece that ends at its shard's end reads on to the end of the file
-        so that the shard's digest is checked."""
+        """Raw samples of each piece: its shard from `start` on, closed after `stop`. A piece
+        that ends at its shard's end (by the manifest's count) reads on to the end of the file,
+        so that the end-of-shard checks run: the sample count (a manifest that under-counts a
+        shard would leave its last samples unread and the epoch made up with repeats) and,
+        with verify_shards, the digest."""
         for p in pieces:
-            url = self.shards[p.shard][0]
+            url, expected = self.shards[p.shard]
             digest = self.digests.get(url) if self.digests else None
             samples = shard_samples(self.shards[p.shard], counts, skip_bad=self.skip_bad_shards,
                                     cache_dir=self.cache_dir, start=p.start, digest=digest)  # fmt: skip
             with closing(samples):
-                if not (digest and self.sizes and p.stop >= self.sizes[p.shard]):
+                if not (expected and p.stop >= expected):
                     yield from islice(samples, len(p))
                     continue
                 yield from islice(samples, len(p) - 1)
