@@ -562,3 +562,55 @@ def test_label_outside_the_classes_stops_every_loader(shards, tmp_path, images):
         with pytest.raises(data.DataError, match=rf"train-000000.tar: sample {key}: .cls 7 ") as e:
             list(loader)
         assert "\n" not in str(e.value)
+
+
+def _jpeg_claiming(path: Path, width: int, height: int) -> bytes:
+    """A real JPEG whose start-of-frame header claims width x height."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\xff\xc0")  # baseline SOF0: length (2), precision (1), height, width
+    raw[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(raw)
+
+
+def test_image_bombs_are_refused_on_their_header_before_decoding(tmp_path, images, monkeypatch):
+    """A valid 30000 x 30000 PNG (2.6 MB, 2.7 GB of pixels) and a JPEG whose header claims
+    40000 x 40000 reach no decoder: skipped and counted, as the shard writer refuses them, by
+    the same limit; also as image files (predict / evaluate --input)."""
+    from PIL import Image
+    from shardkit import png_bomb
+
+    from histodist import fileio
+    from histodist.inference.core import ImageFiles, InputItem
+    from histodist.ingest import imageio
+
+    png = png_bomb(30000, 30000)
+    valid = images["valid"][:4]
+    jpeg = _jpeg_claiming(valid[2][0], 40000, 40000)
+    bombs = {"png": (valid[1][0].stem, png), "jpeg": (valid[2][0].stem, jpeg)}
+    real, seen = data._torchvision_decoder(), []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.numel())
+        if t.numel() in (len(b) for _, b in bombs.values()):
+            raise RuntimeError("a bomb reached the decoder")  # instead of allocating GBs
+        return real(t)
+
+    monkeypatch.setattr(data, "_torchvision_decoder", lambda: spy)
+    for enc, (key, bomb) in bombs.items():
+        ext = "png" if enc == "png" else "jpg"
+        write_shards(
+            tmp_path / enc, {"valid": valid}, 4, encoding=enc, extra_members={key: {ext: bomb}}
+        )
+        loader = data.eval_loader(str(tmp_path / enc), "valid", batch_size=4, rank=0,
+                                  world_size=1, workers=0)  # fmt: skip
+        with pytest.warns(UserWarning, match=f"{key}: image of .* pixels, over the limit"):
+            keys = keys_of(loader)
+        assert sorted(keys) == sorted(p.stem for p, _ in valid if p.stem != key)
+        assert loader.stats()["decode_errors"] == 1
+    assert len(seen) == 6 and not set(seen) & {len(b) for _, b in bombs.values()}
+    (tmp_path / "bomb.png").write_bytes(png)
+    item = ImageFiles([InputItem("bomb", str(tmp_path / "bomb.png"))], (32, 32))[0]
+    assert not item["ok"] and "over the limit" in item["error"]
+    assert fileio.MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # the writer's (PIL's) limit
+    with pytest.raises(imageio.DecodeError, match="exceeds limit of 178956970"):
+        imageio.prepare(png)
