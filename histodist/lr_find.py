@@ -53,8 +53,8 @@ def parse(argv: list[str] | None) -> tuple[Config, dict]:
     for name in ("start_lr", "end_lr"):
         if not (math.isfinite(opts[name]) and opts[name] > 0):
             raise ConfigError(f"--{name.replace('_', '-')} {opts[name]}: must be a number > 0")
-    if opts["end_lr"] <= opts["start_lr"]:
-        raise ConfigError(f"--end-lr {opts['end_lr']}: must be above --start-lr {opts['start_lr']}")
+    if opts["end_lr"] < opts["start_lr"]:  # equal: a constant-lr run of training's step
+        raise ConfigError(f"--end-lr {opts['end_lr']}: must be >= --start-lr {opts['start_lr']}")
     if opts["num_steps"] < 1:
         raise ConfigError(f"--num-steps {opts['num_steps']}: must be >= 1")
     return resolve_namespace(ns), opts

@@ -110,7 +110,7 @@ def test_suggestion_is_the_lr_flag_before_scaling():
 @pytest.mark.parametrize(
     "flags, expected",
     [(["--start-lr=nan"], "--start-lr nan"), (["--end-lr=inf"], "--end-lr inf"),
-     (["--start-lr=-1e-5"], "--start-lr"), (["--start-lr=1", "--end-lr=0.1"], "above"),
+     (["--start-lr=-1e-5"], "--start-lr"), (["--start-lr=1", "--end-lr=0.1"], ">= --start-lr"),
      (["--num-steps=0"], "--num-steps 0")],
 )  # fmt: skip
 def test_sweep_flags_that_cannot_work_are_one_line_exit_2(flags, expected, tmp_path, capsys):
