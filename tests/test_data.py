@@ -30,6 +30,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 SIZES = [10, 8, 6]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_workers_left():
+    """After a loader error with workers, torch's shutdown may lose the stop message a worker
+    waits for and falls back to terminate(): SIGTERM, which loader workers ignore (so that
+    Slurm or `timeout` cannot kill them before a checkpoint). Such a worker stays until its
+    parent ends, and at interpreter exit multiprocessing joins it for ever: the pytest process
+    would never exit. Kill what this module's loaders left behind."""
+    yield
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers; nothing else here starts daemonic processes
+            child.kill()
+            child.join(10)
+
+
 @pytest.fixture(scope="module")
 def images(pcam_jpeg):
     return {
