@@ -394,18 +394,42 @@ def load_spec(spec: str | Sequence[dict]) -> list[dict]:
         if spec in PRESETS:
             return [dict(s) for s in PRESETS[spec]]
         if Path(spec).suffix in (".yaml", ".yml", ".json") and Path(spec).is_file():
-            import yaml
-
-            return load_spec(yaml.safe_load(Path(spec).read_text()))
+            return _read_spec_file(Path(spec))
         raise AugmentError(
             f"unknown augmentation {spec!r}: use one of {sorted(PRESETS)} "
             "or a .yaml file with a list of {op: ...}"
         )
+    if not isinstance(spec, Sequence) or not all(isinstance(s, dict) for s in spec):
+        raise AugmentError(f"augmentation {spec!r}: want a list of {{op: ..., param: ...}}")
     ops = [dict(s) for s in spec]
     for s in ops:
         if s.get("op") not in OPS:
             raise AugmentError(f"unknown augmentation op {s.get('op')!r}: use one of {sorted(OPS)}")
+        bad = [k for k, v in s.items() if k != "op" and not _finite(v)]
+        if bad:  # a NaN sigma turned every image into NaNs without an error
+            raise AugmentError(f"augmentation op {s['op']!r}: {bad[0]}={s[bad[0]]!r} is not finite")
     return ops
+
+
+def _finite(value) -> bool:
+    """False for a NaN or infinite float, also inside a list (a range such as sigma: [a, b])."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _read_spec_file(path: Path) -> list[dict]:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise AugmentError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise AugmentError(f"{path}: cannot read YAML ({e})") from None
+    if not isinstance(spec, list):
+        raise AugmentError(f"{path}: want a list of {{op: ..., param: ...}} at the top level")
+    return load_spec(spec)
 
 
 class Augment:

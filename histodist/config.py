@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import types
@@ -41,6 +42,27 @@ def _check_min(obj: Any, **minimum: float) -> None:
     for name, low in minimum.items():
         if getattr(obj, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(obj, name)}: must be >= {low}")
+
+
+def _check_finite(obj: Any) -> None:
+    """Every float field must be a number: NaN passes every range check written as `x < low`
+    (--warmup-epochs nan, --grad-clip nan) and inf is never a usable lr or factor."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(f.name)} {value}: must be a finite number")
+
+
+def _check_run_name(name: str | None) -> None:
+    """A run name is one folder inside --runs-dir: `../x` or `/abs` would write elsewhere."""
+    if name is None:
+        return
+    seps = {"/", os.sep, os.altsep} - {None}
+    if name in ("", ".", "..") or any(c in name for c in seps) or "\0" in name:
+        raise ConfigError(
+            f"--run-name {name!r}: must be a folder name inside --runs-dir (no '/', no '..'); "
+            "put the parent folder in --runs-dir"
+        )
 
 
 # Smallest --image-size: ResNets and most timm CNNs downsample 32x, so 32 px leaves one
@@ -107,6 +129,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_choices(self)
         if self.num_classes < 0 or self.num_classes == 1:
             raise ConfigError(f"--num-classes {self.num_classes}: use 0 (from manifest) or >= 2")
@@ -145,6 +168,7 @@ class AugmentConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_choices(self)
         if not 0.0 < self.crop <= 1.0:
             raise ConfigError(f"--crop {self.crop}: must be in (0, 1]")
@@ -208,6 +232,7 @@ class ModelConfig:
     compile: bool = opt(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"--drop-rate {self.drop_rate}: must be in [0, 1)")
         if self.freeze_epochs < 0:
@@ -257,6 +282,7 @@ class OptimConfig:
     ema: float = opt(0.0, "EMA decay of the weights (0 = off, e.g. 0.999); evaluation uses the EMA")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_choices(self)
         for name in ("lr", "batch_size", "accum_steps", "lr_reference_batch"):
             if getattr(self, name) <= 0:
@@ -271,7 +297,7 @@ class OptimConfig:
             raise ConfigError(f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
-        _check_min(self, warmup_epochs=0, weight_decay=0, grad_clip=0)
+        _check_min(self, warmup_epochs=0, weight_decay=0, grad_clip=0, backbone_lr_scale=0)
 
 
 # Training recipes: settings for a budget, layered over the dataset preset. `short` is the
@@ -337,6 +363,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_choices(self)
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads}: must be >= 0")
@@ -344,6 +371,7 @@ class TrainConfig:
             raise ConfigError(f"--epochs {self.epochs}: must be > 0")
         if self.keep_last < 1:
             raise ConfigError(f"--keep-last {self.keep_last}: must be >= 1")
+        _check_run_name(self.run_name)
         _check_min(self, eval_every=0, checkpoint_every=0, patience=0, max_bad_steps=1)
 
 
@@ -369,6 +397,7 @@ class LogConfig:
     progress: bool = opt(True, "tqdm progress bar on the main process")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_choices(self)
         _check_min(self, log_every=1)
 
@@ -553,12 +582,23 @@ def from_dict(d: dict, where: str = "config") -> Config:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
+    """The sections of a YAML config, each a mapping (an empty section counts as {})."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read YAML config ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for section, values in data.items():
+        if values is None:
+            data[section] = {}
+        elif not isinstance(values, dict):
+            raise ConfigError(
+                f"{path}: section {section!r} must be a mapping of its keys (indented "
+                f"'key: value' lines), not {type(values).__name__} {values!r}"
+            )
     return data
 
 

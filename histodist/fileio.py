@@ -1,5 +1,5 @@
-"""Files written whole or not at all, file digests, and the image file extensions histodist
-reads. Imports nothing heavy (no torch, numpy or PIL), so every module may use it.
+"""Files written whole or not at all, file digests, and the image file extensions and pixel
+limit of the images histodist reads. Imports nothing heavy (no torch, numpy or PIL), so every module may use it.
 
 A file is written under a hidden temporary name in its own folder (`.<name>.<random>.tmp`:
 the same file system, so the rename is atomic; hidden, so no glob for `*.tar` or `*.png`
@@ -19,6 +19,23 @@ from pathlib import Path
 
 # Image files the raw-layout readers and the inference commands accept (PIL decodes them all).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+# The most pixels of any image histodist decodes, checked on the header before decoding, by the
+# shard writer (histodist.ingest.imageio) and by every shard or file reader (histodist.data.
+# loader): PIL's decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS (about 13,400 x
+# 13,400), stated here so that no reader depends on PIL's setting. A 30,000 x 30,000 PNG is a
+# 2.6 MB file and 2.7 GB of decoded pixels.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise ValueError when a width x height image is over MAX_IMAGE_PIXELS."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image of {width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+            "(a decompression bomb?); not decoded"
+        )
+
 
 TMP_SUFFIX = ".tmp"
 

@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histodist.config import Config, OptimConfig, build_parser, replace, resolve_namespace
+from histodist.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    build_parser,
+    replace,
+    resolve_namespace,
+)
 from histodist.errors import run_cli
 from histodist.fileio import atomic_path
 from histodist.training.optim import scaled_lr
@@ -43,6 +50,13 @@ def parse(argv: list[str] | None) -> tuple[Config, dict]:
     ns = vars(p.parse_args(argv))
     opts = {k: ns.pop(k) for k in LR_FLAGS if k in ns}
     opts = {"start_lr": 1e-7, "end_lr": 1.0, "num_steps": 100, "out": "lr_find.png", **opts}
+    for name in ("start_lr", "end_lr"):
+        if not (math.isfinite(opts[name]) and opts[name] > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} {opts[name]}: must be a number > 0")
+    if opts["end_lr"] < opts["start_lr"]:  # equal: a constant-lr run of training's step
+        raise ConfigError(f"--end-lr {opts['end_lr']}: must be >= --start-lr {opts['start_lr']}")
+    if opts["num_steps"] < 1:
+        raise ConfigError(f"--num-steps {opts['num_steps']}: must be >= 1")
     return resolve_namespace(ns), opts
 
 

@@ -19,7 +19,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -31,12 +30,12 @@ from tqdm import tqdm
 from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
 from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_write, file_digest
-from histodist.ingest import imageio, sources
+from histodist.ingest import imageio, outdir, sources
 from histodist.ingest.slides import ranks, sharding
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
 from histodist.ingest.sources.split import split_items
 from histodist.ingest.sources.wsi import wsi_options
-from histodist.ingest.writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
+from histodist.ingest.writer import ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
 FORMAT = "histodist-shards/1"
@@ -60,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", metavar="DIR", help="output folder: shards, manifest.json, _info.json")
     add("--name", help="dataset name in the manifest (default: --out's folder name)")
     add("--verify", metavar="DIR", help="re-read every shard of DIR against its manifest")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds files histodist.shard did not write: they are "
+        "kept, except files named like the shards, manifest.json or _info.json it writes",
+    )
     add("--val-fraction", type=float, metavar="F", help="made valid split share (default 0.1)")
     add("--test-fraction", type=float, metavar="F", help="made test split share (default 0.1)")
     add("--seed", type=int, default=0, help="seed of the made split and sample order (0)")
@@ -153,12 +158,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
         args.cache_dir,
         wsi_options(args, rank) if wsi else _no_wsi_flags(args),
     )
+    out = Path(args.out)
+    found = outdir.claim(out, args.overwrite)  # refuses a folder of the user's files first
     scan = sources.scan(args.dataset, args.src, opts)
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("manifest.json", "_info.json"):  # an interrupted run must not look complete
-        (out / stale).unlink(missing_ok=True)
+    outdir.start(found)  # an interrupted run must not look complete
     if wsi:
         args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
         per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
@@ -178,7 +183,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     if reused:
         print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
               "(complete and unchanged since they were written)")  # fmt: skip
-    remove_stale(out, {t.name for t in tasks})
+    outdir.remove_stale(found, {t.name for t in tasks})
     name = args.name or out.resolve().name
     manifest = build_manifest(name, args, scan, splits, records, argv)
     if wsi:
@@ -217,18 +222,18 @@ def make_splits(scan: Scan, val: float | None, test: float | None, seed: int) ->
         fractions = {}
         for split, given in (("valid", val), ("test", test)):
             if split in splits and given:
-                raise ShardError(
+                raise UsageError(
                     f"--{split.replace('valid', 'val')}-fraction: the source "
                     f"already has an official {split} split"
                 )
             if split not in splits:
                 fractions[split] = 0.1 if given is None else given
         if any(not 0 <= f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
-            raise ShardError(f"split fractions {fractions} must be in [0, 1) and sum below 1")
+            raise UsageError(f"split fractions {fractions} must be in [0, 1) and sum below 1")
         carved = split_items(scan.pool, len(scan.classes), fractions, seed)
         splits = {**carved, **splits}
     elif val or test:
-        raise ShardError("--val-fraction/--test-fraction: the source has official splits")
+        raise UsageError("--val-fraction/--test-fraction: the source has official splits")
     if not scan.ordered:  # mix classes inside every shard (sources list files class by class)
         for i, name in enumerate(sorted(splits)):
             random.Random(seed * 1000 + i).shuffle(splits[name])
@@ -271,7 +276,7 @@ def samples_per_shard(
     but at least MIN_SHARDS per split (of `num_samples`, default one per item)."""
     if requested is not None:
         if requested < 1:
-            raise ShardError("--samples-per-shard must be >= 1")
+            raise UsageError(f"--samples-per-shard {requested}: must be >= 1")
         return requested
     if isinstance(scan.reader, FileReader) and items:
         probe = [Path(scan.reader.root) / it.source for it in items[:: max(1, len(items) // 200)]]
@@ -352,15 +357,6 @@ def _done(records: dict, rec: dict, bar: tqdm, size: dict) -> None:
         tqdm.write(f"histodist.shard: warning: skipped {r['source']}: {r['reason']}", sys.stderr)
 
 
-def remove_stale(out: Path, keep: set[str]) -> None:
-    """Delete shards (and temporaries) of an earlier plan that this run did not write."""
-    for p in out.iterdir():
-        shard = r"[A-Za-z0-9_]+-\d{6}\.tar"  # a temporary: .<shard>.<random>.tmp (fileio)
-        if re.fullmatch(rf"{shard}(\.tmp)?|\.{shard}\.\w+\.tmp", p.name) and p.name not in keep:
-            p.unlink()
-            (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
-
-
 def build_manifest(name, args, scan, splits, records, argv) -> dict:
     """The manifest.json content (docs/shards.md) from the shard records."""
     recs = [records[k] for k in sorted(records)]
@@ -436,18 +432,17 @@ def timm_info(name: str, manifest: dict) -> dict:
 
 def verify(folder: str | Path) -> int:
     """Re-read every shard of `folder` and compare with manifest.json; returns shards checked."""
+    from histodist.data.loader import load_manifest  # torch: only for --verify
+
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{folder / 'manifest.json'}: cannot read the manifest ({e})") from e
+    manifest = load_manifest(str(folder))  # checks the schema and every shard name first
     n = 0
     for split, s in manifest["splits"].items():
         for sh in s["shards"]:
             path = folder / sh["name"]
             if not path.is_file():
                 raise ShardError(f"{path}: shard missing")
-            if path.stat().st_size != sh["bytes"] or file_digest(path) != sh["sha256"]:
+            if path.stat().st_size != sh.get("bytes") or file_digest(path) != sh.get("sha256"):
                 raise ShardError(f"{path}: sha256 or size differs from the manifest")
             try:
                 count = len(read_shard_keys(path))

@@ -112,3 +112,31 @@ def write_shards(
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit RGB PNG of width x height black pixels, a few MB for 30000 x 30000, built
+    without ever holding its pixels: the compressed rows are one full-flushed deflate segment
+    repeated (each such segment starts afresh), closed by the Adler-32 of the zero bytes."""
+    import struct
+    import zlib
+
+    row = 1 + 3 * width  # a filter byte, then RGB
+    per = max(1, (1 << 22) // row)  # rows per segment
+
+    def segment(rows: int) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return c.compress(bytes(row * rows)) + c.flush(zlib.Z_FULL_FLUSH)
+
+    full, rest = divmod(height, per)
+    body = segment(per) * full + (segment(rest) if rest else b"")
+    total = row * height
+    adler = ((total % 65521) << 16) | 1  # zeros: a stays 1, b grows by 1 per byte
+    idat = b"\x78\xda" + body + b"\x03\x00" + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

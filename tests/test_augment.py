@@ -147,6 +147,20 @@ def test_custom_spec_from_yaml_and_errors(tmp_path, batch):
         A.build("pcamm", out_size=96, mean=MEAN, std=STD)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [(b"- {op: blur, sigma: [.nan, 1.0], p: 1.0}\n", "sigma=\\[nan, 1.0\\] is not finite"),
+     (b"- {op: noise, std: [0.0, .inf]}\n", "std=\\[0.0, inf\\] is not finite"),
+     (b"op: dihedral\n", "want a list"), (b"- dihedral\n", "want a list"),
+     (b"- {op: dihedral}\n# caf\xe9\n", "not UTF-8")],
+)  # fmt: skip
+def test_spec_files_that_cannot_work_are_one_error(tmp_path, text, expected):
+    """A NaN sigma made every image NaN without a word; the others were tracebacks."""
+    (tmp_path / "aug.yaml").write_bytes(text)
+    with pytest.raises(A.AugmentError, match=expected):
+        A.build(str(tmp_path / "aug.yaml"), out_size=96, mean=MEAN, std=STD)
+
+
 def test_save_grid_writes_png(tmp_path, batch):
     aug = A.build("pcam", out_size=96, mean=MEAN, std=STD)
     path = A.save_grid(aug(batch, gen()), tmp_path / "sub" / "grid.png", nrow=4, mean=MEAN, std=STD)

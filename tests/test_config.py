@@ -137,6 +137,46 @@ def test_nonsense_ranges_are_rejected(flags):
         parse_args(flags)
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--grad-clip", "--warmup-epochs",
+                                  "--backbone-lr-scale", "--min-lr-ratio", "--crop", "--ema"])  # fmt: skip
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_option_must_be_finite(flag, value):
+    """NaN passes a check written as `x < low`; inf is no learning rate or factor."""
+    with pytest.raises(ConfigError, match=f"{flag} {value}"):
+        parse_args([f"{flag}={value}"])
+
+
+def test_yaml_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from histodist import train
+
+    cases = {
+        "section.yaml": (b"train: 5\n", "section 'train' must be a mapping"),
+        "latin1.yaml": ("model:\n  model: r\xe9snet\n".encode("latin-1"), "not UTF-8"),
+        "nan.yaml": (b"optim:\n  lr: .nan\n", "--lr nan: must be a finite number"),
+        "inf.yaml": (b"optim:\n  weight_decay: .inf\n", "--weight-decay inf"),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_bytes(text)
+        with pytest.raises(ConfigError, match=expected):
+            parse_args(["--config", str(tmp_path / name)])
+        assert train.main(["--config", str(tmp_path / name), "--runs-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("histodist.train: error: "), err
+    (tmp_path / "empty.yaml").write_text("train:\nlog:\n  log_every: 3\n")  # an empty section
+    assert parse_args(["--config", str(tmp_path / "empty.yaml")]).log.log_every == 3
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/../../b", "runs/x", "..", ".", ""])
+def test_run_name_stays_inside_runs_dir(name, tmp_path, capsys):
+    from histodist import train
+
+    with pytest.raises(ConfigError, match="--run-name"):
+        parse_args(["--run-name", name])
+    assert train.main(["--runs-dir", str(tmp_path / "runs"), "--run-name", name]) == 2
+    assert "must be a folder name inside --runs-dir" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
 def test_edges_of_the_ranges_are_accepted():
     cfg = parse_args(["--image-size", "32", "--log-every", "1", "--max-bad-steps", "1",
                       "--checkpoint-every", "0", "--grad-clip", "0"])  # fmt: skip

@@ -30,6 +30,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 SIZES = [10, 8, 6]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_workers_left():
+    """After a loader error with workers, torch's shutdown may lose the stop message a worker
+    waits for and falls back to terminate(): SIGTERM, which loader workers ignore (so that
+    Slurm or `timeout` cannot kill them before a checkpoint). Such a worker stays until its
+    parent ends, and at interpreter exit multiprocessing joins it for ever: the pytest process
+    would never exit. Kill what this module's loaders left behind."""
+    yield
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers; nothing else here starts daemonic processes
+            child.kill()
+            child.join(10)
+
+
 @pytest.fixture(scope="module")
 def images(pcam_jpeg):
     return {
@@ -466,3 +482,153 @@ def test_package_forwards_loader_names_and_its_light_modules_import_no_torch():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert proc.stdout.strip() == "NO-TORCH", proc.stdout + proc.stderr
+
+
+def _planted(shards: str, out: Path, name: str) -> Path:
+    """A copy of the shards whose manifest names its first train shard `name`."""
+    import shutil
+
+    shutil.copytree(shards, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["name"] = name
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _hostile_names(shards: str, marker: Path) -> list[str]:
+    real = f"{shards}/train-000000.tar"
+    return [f"pipe:touch {marker}; cat {real}", real, "../shards/train-000000.tar",
+            f"file://{real}", "http://127.0.0.1:9/train-000000.tar", "..", "a\\b.tar"]  # fmt: skip
+
+
+def test_manifest_shard_names_never_run_a_command_or_leave_the_folder(shards, tmp_path):
+    """A manifest travels with its shards; a shard name that is a command, a URL or a path
+    is refused before any shard is read, by the manifest check every command goes through."""
+    marker = tmp_path / "PWNED"
+    for i, name in enumerate(_hostile_names(shards, marker)):
+        planted = _planted(shards, tmp_path / f"p{i}", name)
+        with pytest.raises(ShardError, match=r"train.shards\[0\].name .* not a file name"):
+            data.load_manifest(str(planted))
+        with pytest.raises(ShardError, match="not a file name"):
+            data.train_loader(str(planted), batch_size=4, rank=0, world_size=1, workers=0)
+    assert not marker.exists()
+    base = f"pipe:cat {shards}/{{}}"  # the user's own --shards may still be a command
+    assert len(data.load_manifest(base)["splits"]["train"]["shards"]) == 3
+
+
+def _planted_cli(cmd: str, planted: Path, tmp_path: Path) -> list[str]:
+    from runkit import untrained_run
+
+    tiny = ["--model", "small-cnn", "--image-size", "32", "--workers", "0", "--wandb",
+            "disabled", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
+    if cmd == "train":
+        return ["--shards", str(planted), *tiny]
+    if cmd == "lr_find":
+        return ["--shards", str(planted), *tiny, "--out", str(tmp_path / "lr.png")]
+    run = str(untrained_run(tmp_path / "run", ["0", "1"]))
+    if cmd == "evaluate":
+        return ["--run", run, "--shards", str(planted), "--split", "train"]
+    if cmd == "predict":
+        out = str(tmp_path / "p.csv")
+        return ["--run", run, "--input", str(planted), "--split", "train", "--out", out]
+    if cmd == "embed":
+        return ["--model", "small-cnn", "--shards", str(planted), "--out", str(tmp_path / "e")]
+    return ["--verify", str(planted)]
+
+
+@pytest.mark.parametrize("cmd", ["train", "lr_find", "evaluate", "predict", "embed", "shard"])
+def test_every_command_refuses_a_manifest_that_names_a_command(cmd, shards, tmp_path, capsys):
+    import importlib
+
+    marker = tmp_path / "PWNED"
+    planted = _planted(shards, tmp_path / "planted", _hostile_names(shards, marker)[0])
+    argv = _planted_cli(cmd, planted, tmp_path)
+    assert importlib.import_module(f"histodist.{cmd}").main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"histodist.{cmd}: error: ") and "not a file name" in err[-1]
+    assert not marker.exists()
+
+
+def test_manifest_that_undercounts_a_shard_is_refused_while_reading(shards, tmp_path):
+    """train-000000.tar holds 10 samples, the manifest says 6 (the split's total still 24):
+    the epoch used to leave 4 unread and repeat 4 others; the reader now stops, naming it."""
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "u")
+    m = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["num_samples"] = 6
+    (tmp_path / "u" / "manifest.json").write_text(json.dumps(m))
+    expected = "train-000000.tar: holds more samples than the 6 manifest.json says"
+    for seed in (0, 1, 2):  # other seeds cut the shard into other pieces
+        loader = data.train_loader(str(tmp_path / "u"), batch_size=4, rank=0, world_size=1,
+                                   workers=0, seed=seed, shuffle_buffer=0)  # fmt: skip
+        with pytest.raises(ShardError, match=expected):
+            list(loader)
+    loader = data.eval_loader(str(tmp_path / "u"), "train", batch_size=4, rank=0, world_size=1,
+                              workers=0)  # fmt: skip
+    with pytest.raises(ShardError, match=expected):
+        list(loader)
+
+
+def test_label_outside_the_classes_stops_every_loader(shards, tmp_path, images):
+    key = images["train"][5][0].stem
+    write_shards(tmp_path, {"train": images["train"]}, SIZES, extra_members={key: {"cls": b"7"}})
+    for loader in (
+        data.train_loader(str(tmp_path), batch_size=4, rank=0, world_size=1, workers=0),
+        data.eval_loader(str(tmp_path), "train", batch_size=4, rank=0, world_size=1, workers=0),
+    ):
+        with pytest.raises(data.DataError, match=rf"train-000000.tar: sample {key}: .cls 7 ") as e:
+            list(loader)
+        assert "\n" not in str(e.value)
+
+
+def _jpeg_claiming(path: Path, width: int, height: int) -> bytes:
+    """A real JPEG whose start-of-frame header claims width x height."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\xff\xc0")  # baseline SOF0: length (2), precision (1), height, width
+    raw[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(raw)
+
+
+def test_image_bombs_are_refused_on_their_header_before_decoding(tmp_path, images, monkeypatch):
+    """A valid 30000 x 30000 PNG (2.6 MB, 2.7 GB of pixels) and a JPEG whose header claims
+    40000 x 40000 reach no decoder: skipped and counted, as the shard writer refuses them, by
+    the same limit; also as image files (predict / evaluate --input)."""
+    from PIL import Image
+    from shardkit import png_bomb
+
+    from histodist import fileio
+    from histodist.inference.core import ImageFiles, InputItem
+    from histodist.ingest import imageio
+
+    png = png_bomb(30000, 30000)
+    valid = images["valid"][:4]
+    jpeg = _jpeg_claiming(valid[2][0], 40000, 40000)
+    bombs = {"png": (valid[1][0].stem, png), "jpeg": (valid[2][0].stem, jpeg)}
+    real, seen = data._torchvision_decoder(), []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.numel())
+        if t.numel() in (len(b) for _, b in bombs.values()):
+            raise RuntimeError("a bomb reached the decoder")  # instead of allocating GBs
+        return real(t)
+
+    monkeypatch.setattr(data, "_torchvision_decoder", lambda: spy)
+    for enc, (key, bomb) in bombs.items():
+        ext = "png" if enc == "png" else "jpg"
+        write_shards(
+            tmp_path / enc, {"valid": valid}, 4, encoding=enc, extra_members={key: {ext: bomb}}
+        )
+        loader = data.eval_loader(str(tmp_path / enc), "valid", batch_size=4, rank=0,
+                                  world_size=1, workers=0)  # fmt: skip
+        with pytest.warns(UserWarning, match=f"{key}: image of .* pixels, over the limit"):
+            keys = keys_of(loader)
+        assert sorted(keys) == sorted(p.stem for p, _ in valid if p.stem != key)
+        assert loader.stats()["decode_errors"] == 1
+    assert len(seen) == 6 and not set(seen) & {len(b) for _, b in bombs.values()}
+    (tmp_path / "bomb.png").write_bytes(png)
+    item = ImageFiles([InputItem("bomb", str(tmp_path / "bomb.png"))], (32, 32))[0]
+    assert not item["ok"] and "over the limit" in item["error"]
+    assert fileio.MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # the writer's (PIL's) limit
+    with pytest.raises(imageio.DecodeError, match="exceeds limit of 178956970"):
+        imageio.prepare(png)

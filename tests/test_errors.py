@@ -63,3 +63,33 @@ def test_usage_and_runtime_errors_exit_2_and_1(tmp_path, capsys):
     assert shard.main(["--verify", str(tmp_path / "none")]) == EXIT_FAILURE
     assert "histodist.shard: error:" in capsys.readouterr().err
     assert errors.EXIT_DIVERGED == train.EXIT_NAN == 3
+
+
+def test_a_label_outside_the_classes_is_one_line_in_train_and_evaluate(tmp_path, pcam_jpeg, capsys):
+    """A `.cls` of 7 in a 2-class set: one line naming the shard and the key, exit 1, in
+    training (an IndexError in the loss before) and in evaluation."""
+    from runkit import untrained_run
+    from shardkit import pcam_images, write_shards
+    from trainkit import run_flags
+
+    from histodist import evaluate, train
+
+    images = {
+        "train": pcam_images(pcam_jpeg, "train", 8),
+        "valid": pcam_images(pcam_jpeg, "valid", 4),
+    }
+    bad = {split: items[3][0].stem for split, items in images.items()}
+    extra = {key: {"cls": b"7"} for key in bad.values()}
+    write_shards(tmp_path / "s", images, 8, extra_members=extra)
+    flags = [*run_flags(tmp_path / "s", tmp_path / "runs", "r"), "--epochs", "1"]
+    assert train.main(flags) == EXIT_FAILURE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("histodist.train: error: ") and "train-000000.tar" in err, err
+    assert f"sample {bad['train']}: .cls 7" in err and "2 (0..1)" in err
+    run = untrained_run(tmp_path / "run", ["0", "1"])
+    argv = ["--run", str(run), "--shards", str(tmp_path / "s"), "--split", "valid",
+            "--workers", "0", "--no-progress"]  # fmt: skip
+    assert evaluate.main(argv) == EXIT_FAILURE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("histodist.evaluate: error: ") and "valid-000000.tar" in err, err
+    assert f"sample {bad['valid']}: .cls 7" in err

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from histodist import fileio
-from histodist.shard import remove_stale
+from histodist.ingest import outdir
 
 
 def test_atomic_write_replaces_whole_with_the_usual_mode(tmp_path):
@@ -40,12 +40,19 @@ def test_file_digest_matches_hashlib_across_chunks(tmp_path):
         assert fileio.file_digest(path, algo, bufsize=4096) == want
 
 
-def test_remove_stale_deletes_temporaries_of_shards_and_keeps_the_plan(tmp_path):
-    names = ["train-000000.tar", "train-000001.tar", ".train-000002.tar.k2x_9.tmp", "notes.txt"]
+def test_remove_stale_deletes_the_writers_temporaries_and_old_shards_only(tmp_path):
+    names = ["train-000000.tar", "train-000001.tar", ".train-000002.tar.k2x_9.tmp", "notes.txt",
+             "backup-000001.tar", ".manifest.json.a1b2.tmp"]  # fmt: skip
     for n in names:
         (tmp_path / n).write_text("x")
-    remove_stale(tmp_path, {"train-000000.tar"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "train-000000.tar"]
+    fileio.atomic_write(tmp_path / ".shardinfo" / "train-000001.tar.json", "{}")
+    fileio.atomic_write(tmp_path / ".shardinfo" / "train-000000.tar.json", "{}")
+    found = outdir.survey(tmp_path)
+    assert found.foreign == ["backup-000001.tar", "notes.txt"]
+    outdir.remove_stale(found, {"train-000000.tar"})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".shardinfo", "backup-000001.tar", "notes.txt", "train-000000.tar"]
+    assert [p.name for p in (tmp_path / ".shardinfo").iterdir()] == ["train-000000.tar.json"]
 
 
 def test_image_extensions_are_shared():

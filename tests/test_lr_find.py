@@ -105,3 +105,15 @@ def test_suggestion_is_the_lr_flag_before_scaling():
     assert lr_find.lr_flag(0.005, o, 4, top_scale=2.0) == pytest.approx(0.01)
     plain = OptimConfig(lr=0.01, lr_scaling="none")
     assert lr_find.lr_flag(0.001, plain, 8) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--start-lr=nan"], "--start-lr nan"), (["--end-lr=inf"], "--end-lr inf"),
+     (["--start-lr=-1e-5"], "--start-lr"), (["--start-lr=1", "--end-lr=0.1"], ">= --start-lr"),
+     (["--num-steps=0"], "--num-steps 0")],
+)  # fmt: skip
+def test_sweep_flags_that_cannot_work_are_one_line_exit_2(flags, expected, tmp_path, capsys):
+    assert lr_find.main([*flags, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("histodist.lr_find: error: ") and expected in err and err.count("\n") == 1

@@ -200,9 +200,18 @@ def test_join_url():
     assert (
         join_url("pipe:gsutil cat gs://b/pcam/{}", "x.tar") == "pipe:gsutil cat gs://b/pcam/x.tar"
     )
-    assert join_url("/data", "http://h/x.tar") == "http://h/x.tar"
     with pytest.raises(ShardError, match=r"\{\}"):
         join_url("pipe:cat", "x.tar")
+
+
+@pytest.mark.parametrize(
+    "name", ["pipe:touch x", "http://h/x.tar", "/data/x.tar", "../x.tar", "a/b.tar", "..", "a\tb"]
+)
+def test_join_url_takes_only_file_names_of_the_folder(tmp_path, name):
+    """A name from a manifest is never a command, a URL or a path out of the base."""
+    for base in (str(tmp_path), "https://h/pcam", f"pipe:cat {tmp_path}/{{}}"):
+        with pytest.raises(ShardError, match="not a file name"):
+            join_url(base, name)
 
 
 def test_cache_shared_by_concurrent_readers(server, tmp_path, shard_bytes):

@@ -225,3 +225,119 @@ def test_crash_mid_shard_leaves_no_shard_and_no_manifest(tmp_path, pcam_jpeg, mo
         run("--dataset", "folder", "--src", src, "--out", out, "--encoding", "png", "--workers", 1)
     names = sorted(p.name for p in out.iterdir())
     assert "manifest.json" not in names and not [n for n in names if n.endswith(".tmp")]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_out_folder_of_user_files_is_refused_and_nothing_is_deleted(tmp_path, pcam_jpeg, capsys):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "backup-000001.tar").write_bytes(b"the user's backup")
+    (out / "manifest.json").write_text('{"owner": "another tool"}')
+    (out / "notes.txt").write_text("keep me")
+    before = _files(out)
+    args = ["--dataset", "folder", "--src", src, "--out", out, "--samples-per-shard", 4]
+    assert run(*args) == 2
+    one_line_error(capsys, f"--out {out}", "3 file(s)", "backup-000001.tar", "--overwrite")
+    assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+    # --overwrite: written beside them; only manifest.json, a name this run writes, is replaced
+    assert run(*args, "--overwrite") == 0
+    after = _files(out)
+    assert after["backup-000001.tar"] == before["backup-000001.tar"]
+    assert after["notes.txt"] == before["notes.txt"]
+    assert json.loads(after["manifest.json"])["format"].startswith("histodist-shards/")
+    assert run("--verify", out) == 0
+    # a re-plan into fewer shards deletes the writer's old shards, never the user's files
+    assert run(*args[:-1], 100, "--overwrite") == 0
+    tars = sorted(p.name for p in out.glob("*.tar"))
+    assert tars == ["backup-000001.tar", "train-000000.tar", "valid-000000.tar"]
+    assert (out / "backup-000001.tar").read_bytes() == before["backup-000001.tar"]
+    assert run(*args[:-1], 100) == 2  # the user's files are still there: still refused
+
+
+def test_leftovers_of_an_interrupted_run_are_not_foreign(tmp_path, pcam_jpeg, capsys):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)
+    out = tmp_path / "out"
+    args = ["--dataset", "folder", "--src", src, "--out", out, "--samples-per-shard", 4]
+    assert run(*args, "--workers", 1) == 0
+    shards = sorted(p.name for p in out.glob("*.tar"))
+    # what a run killed at various instants leaves: no manifest, temporaries, a record whose
+    # shard was never renamed into place
+    (out / "manifest.json").unlink()
+    (out / "_info.json").unlink()
+    for name in (".train-000001.tar.k2x_9.tmp", ".manifest.json.a1b2.tmp", "._info.json.zz.tmp"):
+        (out / name).write_bytes(b"partial")
+    (out / ".shardinfo" / ".train-000000.tar.json.q1.tmp").write_text("{")
+    (out / ".shardinfo" / "train-000042.tar.json").write_text("{}")
+    capsys.readouterr()
+    assert run(*args, "--workers", 1) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*shards, ".shardinfo", "manifest.json", "_info.json"]
+    )
+    assert sorted(p.name for p in (out / ".shardinfo").iterdir()) == [f"{s}.json" for s in shards]
+
+
+def test_a_shard_file_never_exists_without_its_record(tmp_path, pcam_jpeg, monkeypatch):
+    """The record is written before the shard is renamed into place: a kill between the two
+    leaves a record without a shard (rewritten next time), never a shard that looks foreign."""
+    import os
+
+    from histodist import fileio
+
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)
+    out, seen, real = tmp_path / "out", [], os.replace
+
+    def replace(a, b):
+        if str(b).endswith(".tar"):
+            seen.append((out / ".shardinfo" / f"{Path(b).name}.json").is_file())
+        return real(a, b)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    assert run("--dataset", "folder", "--src", src, "--out", out, "--workers", 1) == 0
+    assert seen and all(seen)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--samples-per-shard", 0], "--samples-per-shard 0"),
+     (["--val-fraction", "nan"], "split fractions"), (["--test-fraction", 1.5], "split fractions")],
+)  # fmt: skip
+def test_flags_that_cannot_work_exit_2(tmp_path, pcam_jpeg, capsys, flags, expected):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=2, splits=False)
+    assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "out", *flags) == 2
+    one_line_error(capsys, expected)
+    assert_nothing_written(tmp_path / "out")
+
+
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """Make `folder` fail to list as a chmod 000 folder does for a normal user (root reads
+    through chmod 000, so the test raises the same PermissionError os.scandir would)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_class_folder_is_refused_not_dropped(tmp_path, pcam_jpeg, capsys, monkeypatch):
+    src = fx.make_folder(tmp_path / "src", pcam_jpeg, per_class=4)
+    _unlistable(monkeypatch, src / "valid" / "1")
+    out = tmp_path / "out"
+    assert run("--dataset", "folder", "--src", src, "--out", out) == 1
+    one_line_error(capsys, str(src / "valid" / "1"), "cannot list this folder", "Permission")
+    assert_nothing_written(out)
+    sub = src / "train" / "0" / "more"  # a folder deeper inside a class folder as well
+    sub.mkdir()
+    monkeypatch.undo()
+    _unlistable(monkeypatch, sub)
+    assert run("--dataset", "folder", "--src", src, "--out", out) == 1
+    one_line_error(capsys, str(sub), "cannot list this folder")

@@ -38,10 +38,10 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from histodist import samples
 from histodist.data import embeddings, epoch_plan
 from histodist.data import workers as worker_procs
-from histodist.data.remote import ShardError, join_url, open_url, read_text
+from histodist.data.remote import ShardError, join_url, open_url, plain_name_problem, read_text
 from histodist.data.tarstream import DigestReader, iter_tar
 from histodist.errors import HistodistError
-from histodist.fileio import IMAGE_EXTENSIONS
+from histodist.fileio import IMAGE_EXTENSIONS, check_image_size
 
 Batch = dict  # "image": uint8 (B,3,H,W) channels_last, "label": int64 (B,), "key", "group", "meta": lists
 
@@ -78,7 +78,22 @@ def load_manifest(shards: str) -> dict:
         raise ShardError(
             f"{url}: not a histodist shard manifest ({problem}); re-run histodist.shard"
         )
+    _check_shard_names(manifest, url)
     return manifest
+
+
+def _check_shard_names(manifest: dict, url: str) -> None:
+    """Every shard name must be a file name of the manifest's folder, checked before any shard
+    is opened: a manifest arrives with the shards (a collaborator's folder, a web server), so a
+    name in it must never run a `pipe:` command, fetch a URL or reach outside the folder."""
+    for split, s in manifest["splits"].items():
+        for i, e in enumerate(s["shards"]):
+            bad = plain_name_problem(e["name"])
+            if bad:
+                raise ShardError(
+                    f"{url}: splits.{split}.shards[{i}].name {e['name']!r} is not a file name "
+                    f"of the shard folder ({bad}); pipe: commands and URLs go in --shards only"
+                )
 
 
 def _shard_hint(shards: str) -> str:
@@ -192,8 +207,8 @@ def shard_samples(
     """Open one shard and yield its raw samples (dict of member bytes keyed by extension),
     from sample number `start` on (the samples before it are passed over, not decoded).
 
-    A shard that cannot be opened, is truncated, or holds fewer samples than the manifest says
-    raises ShardError naming it; with `skip_bad` its URL joins the set counts["bad_shards"]
+    A shard that cannot be opened, is truncated, or holds fewer or more samples than the
+    manifest says (`shard`'s count; 0: unknown, not checked) raises ShardError naming it; with `skip_bad` its URL joins the set counts["bad_shards"]
     instead (samples read before the damage are kept). `digest`: the manifest's sha256 of the
     shard, checked over the bytes as they stream (the samples before `start` are then read
     through, not seeked over); a mismatch is found at the end of the shard, after its samples
@@ -213,6 +228,11 @@ def shard_samples(
             files = ({"fname": name, "data": data, "__url__": url} for name, data in members)
             for sample in group_by_keys(files):
                 n += 1
+                if expected and n > expected:  # else the plan never reads the extra samples
+                    raise ShardError(
+                        f"{url}: holds more samples than the {expected} manifest.json says; "
+                        "re-create the shards with histodist.shard (or correct the manifest)"
+                    )
                 yield sample
             actual = stream.hexdigest() if digest else None
         finally:
@@ -266,6 +286,7 @@ def _decode_npy(data: bytes) -> torch.Tensor:
     m = _NPY_HEADER.match(data, 10) if data[:8] == b"\x93NUMPY\x01\x00" else None
     if m is not None:
         h, w, c = (int(v) if v else 1 for v in m.groups())
+        check_image_size(w, h)
         start = 10 + int.from_bytes(data[8:10], "little")
         if len(data) - start != h * w * c:
             raise DataError(f".npy payload of {len(data) - start} bytes for shape {(h, w, c)}")
@@ -274,6 +295,7 @@ def _decode_npy(data: bytes) -> torch.Tensor:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
             raise DataError(f".npy image of dtype {arr.dtype}, shape {arr.shape}: want uint8 HxWx3")
+        check_image_size(arr.shape[1], arr.shape[0])
         t = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).copy())
     if t.shape[-1] not in (1, 3, 4):
         raise DataError(f".npy image of shape {tuple(t.shape)}: want HxW, HxWx1, HxWx3 or HxWx4")
@@ -294,18 +316,62 @@ def _torchvision_decoder():
     return functools.partial(decode_image, mode=ImageReadMode.RGB)
 
 
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None when `data` is no PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None when `data` is no JPEG
+    or it cannot be found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(
+                data[i + 5 : i + 7], "big"
+            )
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding: PNG and JPEG parsed here
+    (1-2 us; PIL's lazy open took 17 us against 90 us for the decode of a PCam JPEG), other
+    formats by PIL's open, which reads only the header."""
+    size = _png_size(data) or _jpeg_size(data)
+    if size is None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+    return size
+
+
 def _decode_image(ext: str, data: bytes) -> torch.Tensor:
     """Encoded bytes -> uint8 (3,H,W), possibly a strided view (collate copies it once).
-    Nothing is ever unpickled."""
+    An image over fileio.MAX_IMAGE_PIXELS raises ValueError before it is decoded. Nothing is
+    ever unpickled."""
     if ext == "npy":
         return _decode_npy(data)
     decode = _torchvision_decoder() if ext in _TV_EXTS else None
     if decode is not None:
+        check_image_size(*_header_size(data))  # torchvision has no pixel limit of its own
         # bytearray: torch.frombuffer wants a writable buffer
         return decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data)) as im:  # the header only, so far
+        check_image_size(*im.size)
         arr = np.array(im.convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -337,17 +403,29 @@ def decode_sample(raw: dict, image_size: tuple[int, int] | None) -> dict:
             "meta": meta}  # fmt: skip
 
 
-def decoded(samples: Iterable[dict], counts: dict, image_size) -> Iterator[dict]:
-    """Decode stage: a sample that fails to decode is skipped and counted."""
+def decoded(
+    samples: Iterable[dict], counts: dict, image_size, num_classes: int | None = None
+) -> Iterator[dict]:
+    """Decode stage: a sample that fails to decode is skipped and counted. A label outside
+    the manifest's `num_classes` classes (-1: unlabelled) raises DataError naming the shard
+    and key: the loss would fail on it mid-epoch, and a skip would hide a mislabelled set."""
     for raw in samples:
         try:
-            yield decode_sample(raw, image_size)
+            sample = decode_sample(raw, image_size)
         except Exception as exn:
             counts["decode_errors"] += 1
             if counts["decode_errors"] <= 3:  # a few messages, the total goes to stats()
                 warnings.warn(
                     f"skipping {raw.get('__url__')}:{raw.get('__key__')}: {exn}", stacklevel=1
                 )
+            continue
+        if num_classes is not None and not -1 <= sample["label"] < num_classes:
+            raise DataError(
+                f"{raw.get('__url__')}: sample {raw.get('__key__')}: .cls {sample['label']} is "
+                f"not a class of the manifest's {num_classes} (0..{num_classes - 1}); fix or "
+                "re-create the shard"
+            )
+        yield sample
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -441,6 +519,7 @@ class RankStream(IterableDataset):
         cache_dir: str | None = None,
         digests: dict[str, str] | None = None,
         sizes: list[int] | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if not shards:
@@ -456,6 +535,7 @@ class RankStream(IterableDataset):
         self.shuffle_buffer, self.resample, self.image_size = shuffle_buffer, resample, image_size
         self.skip_bad_shards, self.cache_dir = skip_bad_shards, cache_dir
         self.digests = digests  # {url: sha256} to check while streaming, or None
+        self.num_classes = num_classes  # labels must lie in [0, num_classes) (or be -1)
         # Shared memory, so set_epoch reaches persistent workers too.
         self.epoch = multiprocessing.RawValue("q", 0)
 
@@ -493,16 +573,18 @@ class RankStream(IterableDataset):
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
     def _read_pieces(self, pieces: list[epoch_plan.Piece], counts: dict) -> Iterator:
-        """Raw samples of each piece: its shard from `start` on, closed after `stop`. With
-        verify_shards, a piece that ends at its shard's end reads on to the end of the file
-        so that the shard's digest is checked."""
+        """Raw samples of each piece: its shard from `start` on, closed after `stop`. A piece
+        that ends at its shard's end (by the manifest's count) reads on to the end of the file,
+        so that the end-of-shard checks run: the sample count (a manifest that under-counts a
+        shard would leave its last samples unread and the epoch made up with repeats) and,
+        with verify_shards, the digest."""
         for p in pieces:
-            url = self.shards[p.shard][0]
+            url, expected = self.shards[p.shard]
             digest = self.digests.get(url) if self.digests else None
             samples = shard_samples(self.shards[p.shard], counts, skip_bad=self.skip_bad_shards,
                                     cache_dir=self.cache_dir, start=p.start, digest=digest)  # fmt: skip
             with closing(samples):
-                if not (digest and self.sizes and p.stop >= self.sizes[p.shard]):
+                if not (expected and p.stop >= expected):
                     yield from islice(samples, len(p))
                     continue
                 yield from islice(samples, len(p) - 1)
@@ -536,7 +618,8 @@ class RankStream(IterableDataset):
         worker, workers = worker_context()
         counts = {"decode_errors": 0, "bad_shards": set()}
         train = self.steps is not None
-        samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size)
+        samples = decoded(self._raw_samples(worker, workers, counts), counts, self.image_size,
+                          self.num_classes)  # fmt: skip
         if train:  # exactly the quota's samples: batched() pulls one more before yielding a batch
             quota = epoch_plan.worker_quotas(self.steps, workers)[worker]
             samples = islice(samples, quota * self.batch_size)
@@ -653,7 +736,8 @@ class LoaderOptions:
 def _loader(
     o: LoaderOptions, shards: list[tuple[str, int]], *, steps: int | None, length: int, **kw
 ) -> ShardLoader:
-    """The rank's RankStream over `shards` and its ShardLoader (`kw`: digests, sizes)."""
+    """The rank's RankStream over `shards` and its ShardLoader (`kw`: digests, sizes,
+    num_classes)."""
     ds = RankStream(
         shards, rank=o.rank, world_size=o.world_size, batch_size=o.batch_size, steps=steps,
         seed=o.seed, shuffle_buffer=o.shuffle_buffer, resample=o.resample,
@@ -684,7 +768,8 @@ def train_loader(shards: str, split: str = "train", **options) -> ShardLoader:
     urls = split_shards(manifest, split, shards)
     steps = steps_per_epoch(manifest["splits"][split]["num_samples"], o.world_size, o.batch_size)
     digests = shard_digests(manifest, split, shards) if o.verify_shards else None
-    return _loader(o, urls, steps=steps, length=steps, digests=digests)
+    return _loader(o, urls, steps=steps, length=steps, digests=digests,
+                   num_classes=len(manifest["classes"]))  # fmt: skip
 
 
 def eval_loader(shards: str, split: str, **options) -> ShardLoader:
@@ -699,7 +784,8 @@ def eval_loader(shards: str, split: str, **options) -> ShardLoader:
     urls = split_shards(manifest, split, shards)
     length = _eval_length(urls, o.rank, o.world_size, o.workers, o.batch_size)
     digests = shard_digests(manifest, split, shards) if o.verify_shards else None
-    return _loader(o, urls, steps=None, length=length, digests=digests)
+    return _loader(o, urls, steps=None, length=length, digests=digests,
+                   num_classes=len(manifest["classes"]))  # fmt: skip
 
 
 def from_urls(

@@ -46,7 +46,7 @@ try:  # POSIX only; elsewhere the atomic rename alone keeps the cache consistent
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["ShardError", "open_url", "read_text", "join_url"]
+__all__ = ["ShardError", "open_url", "read_text", "join_url", "plain_name_problem"]
 
 # First retry waits about BACKOFF_S seconds, then 2x, 4x ... capped at BACKOFF_MAX_S; each wait is
 # scaled by a random factor in [0.5, 1.5) so that hundreds of ranks hitting one failing server do
@@ -310,16 +310,37 @@ def read_text(url: str, **kw) -> str:
         raise ShardError(f"{url}: not UTF-8 text ({exc}); is this the manifest?") from exc
 
 
+def plain_name_problem(name: str) -> str | None:
+    """Why `name` is not a plain file name of a shard folder, or None when it is.
+
+    A manifest names its shards by file name only (``train-000000.tar``): no path separator,
+    no ``..``, no ``:`` (so no ``pipe:`` command, no URL scheme, no drive letter), no control
+    character. A manifest travels with the shards (a collaborator's folder, an http server),
+    so a name it holds must never run a command or reach outside the folder; ``pipe:`` and
+    URLs belong only to the ``--shards`` base the user typed.
+    """
+    if not name or name in (".", ".."):
+        return "not a file name"
+    bad = next((c for c in name if c in "/\\:" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"holds {bad!r}"
+    return None
+
+
 def join_url(base: str, name: str) -> str:
     """The location of `name` (e.g. ``train-000000.tar``) relative to a shard base.
 
     base: a folder, ``file://`` or ``http(s)://`` URL (a query string such as a signed token is
     kept), or a ``pipe:`` template where ``{}`` stands for the name
-    (``pipe:aws s3 cp s3://bucket/pcam/{} -``). An absolute name (a URL, ``pipe:``, ``/path``)
-    is returned unchanged.
+    (``pipe:aws s3 cp s3://bucket/pcam/{} -``). `name` must be a plain file name of that folder
+    (see `plain_name_problem`): a URL, ``pipe:`` command or path raises ShardError.
     """
-    if "://" in name or name.startswith(("pipe:", "/")):
-        return name
+    problem = plain_name_problem(name)
+    if problem is not None:
+        raise ShardError(
+            f"shard name {name!r} is not a file name of the shard folder ({problem}); "
+            "pipe: commands and URLs go in --shards only"
+        )
     if base.startswith("pipe:"):
         if "{}" not in base:
             raise ShardError(

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from histodist.errors import HistodistError
+from histodist.fileio import check_image_size
 
 ENCODINGS = ("auto", "original", "png", "jpeg", "raw")
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp", "WEBP": "webp"}
@@ -67,9 +68,11 @@ def prepare(payload: bytes | np.ndarray, encoding: str = "auto", quality: int = 
 
 
 def decode(data: bytes) -> Image.Image:
-    """Open and fully decode `data`; raises DecodeError with PIL's reason."""
+    """Open and fully decode `data`; raises DecodeError with PIL's reason, or before decoding
+    when the header's size is over fileio.MAX_IMAGE_PIXELS."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))  # reads the header only
+        check_image_size(*im.size)
         im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise DecodeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e

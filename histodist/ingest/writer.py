@@ -2,7 +2,7 @@
 
 A shard is written under a hidden temporary name (histodist.fileio) and renamed when complete, so a file named `*.tar` is
 always whole. Its record (counts, bytes, sha256, statistics) goes to `.shardinfo/<name>.json`
-beside it, with a fingerprint of its planned content: a re-run skips a shard whose file still
+beside it, just before the rename, with a fingerprint of its planned content: a re-run skips a shard whose file still
 hashes to the record and whose plan is unchanged. Tar headers carry no time or owner, so the same
 plan always gives byte-identical shards, whatever the number of workers.
 
@@ -93,10 +93,13 @@ def write_shard(task: ShardTask) -> dict:
     with atomic_path(Path(task.out_dir) / task.name) as tmp:  # no partial shard left on error
         _fill(tmp, task, rec, hist)
         rec["bytes"], rec["sha256"] = tmp.stat().st_size, file_digest(tmp)
-    v = np.arange(256) / 255.0
-    rec["sum"], rec["sumsq"] = (hist @ v).tolist(), (hist @ (v * v)).tolist()
-    rec["pixels"] = int(hist[0].sum())
-    atomic_write(_info_path(task), json.dumps(rec))
+        v = np.arange(256) / 255.0
+        rec["sum"], rec["sumsq"] = (hist @ v).tolist(), (hist @ (v * v)).tolist()
+        rec["pixels"] = int(hist[0].sum())
+        # The record before the rename: a shard file always has its record, so a tar without
+        # one is never the writer's (histodist.ingest.outdir); a record whose rename did not
+        # happen matches no file and is rewritten by the next run.
+        atomic_write(_info_path(task), json.dumps(rec))
     return {**rec, "reused": False}
 
 

@@ -174,12 +174,30 @@ def sort_classes(names: set[str] | Sequence[str]) -> list[str]:
     return sorted(names)
 
 
+def walk_files(folder: Path, *, hidden: bool = True) -> Iterator[Path]:
+    """Every file below `folder` (symlinked folders are not entered), in no set order.
+    A folder that cannot be listed raises SourceError naming it: Path.rglob skips it without a
+    word, which dropped an unreadable class folder from the split. `hidden`: also enter hidden
+    folders and yield hidden files."""
+
+    def unreadable(e: OSError) -> None:
+        raise SourceError(
+            f"{e.filename}: cannot list this folder ({e.strerror}); fix its permissions or "
+            "move it out of --src"
+        )
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        if not hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files = [f for f in files if not f.startswith(".")]
+        yield from (Path(root) / f for f in files)
+
+
 def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted, hidden files skipped."""
+    """Image files under `folder` (recursively), sorted, hidden files and folders skipped;
+    raises SourceError on a folder that cannot be listed."""
     return sorted(
         p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        for p in walk_files(folder, hidden=False)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )

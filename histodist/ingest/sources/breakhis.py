@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions, walk_files
 
 BINARY = ["benign", "malignant"]
 SUBTYPES = {  # code -> name, benign first (as in the BreaKHis paper)
@@ -37,7 +37,7 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     subtype = opts.breakhis_labels == "subtype"
     classes = list(SUBTYPES.values()) if subtype else BINARY
     items = []
-    for p in sorted(src.rglob("SOB_*.png")):
+    for p in sorted(q for q in walk_files(src) if q.match("SOB_*.png")):
         m = NAME.fullmatch(p.name)
         if m is None or m["type"] not in SUBTYPES:
             raise SourceError(f"{p}: not named SOB_<B|M>_<TYPE>-<YY>-<PATIENT>-<MAG>-<SEQ>.png")

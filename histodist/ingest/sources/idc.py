@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions
+from histodist.ingest.sources import FileReader, Item, Scan, SourceError, SourceOptions, walk_files
 
 CLASSES = ["0", "1"]  # 1: invasive ductal carcinoma
 NAME = re.compile(r"(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])\.png")
@@ -20,7 +20,7 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
     if not src.is_dir():
         raise SourceError(f"{src}: the idc layout needs a directory")
     seen: dict[str, Path] = {}
-    for p in sorted(src.rglob("*.png")):
+    for p in sorted(q for q in walk_files(src) if q.suffix == ".png"):
         if p.name.startswith("."):
             continue
         m = NAME.fullmatch(p.name)
