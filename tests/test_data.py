@@ -319,7 +319,8 @@ def test_missing_manifest_says_how_to_make_shards(tmp_path):
     "breakage, expected",
     [
         (lambda m: [m], "top level is a list"),
-        (lambda m: m.pop("classes"), "'classes' must be a non-empty list"),
+        (lambda m: m.pop("classes"), "'classes' must be a list"),
+        (lambda m: m.update(classes=[]), "'classes' is empty but split 'train' has class counts"),
         (lambda m: m["splits"]["train"].update(num_samples="64"), "train.num_samples"),
         (lambda m: m["splits"]["valid"]["shards"][0].pop("name"), r"valid.shards\[0\] needs"),
         (lambda m: m["splits"]["train"]["shards"][1].update(num_samples=-1), r"shards\[1\]"),
@@ -335,6 +336,19 @@ def test_manifest_of_the_wrong_schema_is_one_clear_error(shards, tmp_path, break
         ShardError, match=f"manifest.json: not a histodist shard manifest.*{expected}"
     ):
         data.load_manifest(str(tmp_path))
+
+
+def test_a_set_without_labels_loads(shards, tmp_path):
+    """Unlabelled splits (class_counts null: Kaggle's test folder, slide tiles for prediction)
+    load, in a set with classes and in one without any (whole slides tiled without labels)."""
+    m = json.loads((Path(shards) / "manifest.json").read_text())
+    m["splits"]["valid"]["class_counts"] = None
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert data.load_manifest(str(tmp_path))["splits"]["valid"]["class_counts"] is None
+    m["classes"] = []
+    m["splits"] = {"test": m["splits"]["valid"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert data.load_manifest(str(tmp_path))["classes"] == []
 
 
 @pytest.mark.filterwarnings("ignore:skipping")

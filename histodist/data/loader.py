@@ -122,20 +122,23 @@ def _manifest_problem(m) -> str | None:
     if not str(m.get("format", "")).startswith("histodist-shards/"):
         return f"format={m.get('format')!r}"
     classes, splits = m.get("classes"), m.get("splits")
-    if not isinstance(classes, list) or not classes:
-        return "'classes' must be a non-empty list"
+    if not isinstance(classes, list):
+        return "'classes' must be a list"
     if not isinstance(splits, dict) or not splits:
         return "'splits' must be an object of splits"
+    labelled = [k for k, s in splits.items() if isinstance(s, dict) and s.get("class_counts")]
+    if not classes and labelled:  # only a set without labels (slide tiles for prediction) has none
+        return f"'classes' is empty but split {labelled[0]!r} has class counts"
     for name, split in splits.items():
         where = f"splits.{name}"
         if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
             return f"{where} needs a 'shards' list"
         if not _count(split.get("num_samples")):
             return f"{where}.num_samples must be a non-negative integer"
-        counts = split.get("class_counts")
-        if not (isinstance(counts, list) and len(counts) == len(classes)):
-            return f"{where}.class_counts must list one count per class"
-        if not all(map(_count, counts)):
+        counts = split.get("class_counts")  # None: an unlabelled split (Kaggle's test, slides)
+        if counts is not None and not (isinstance(counts, list) and len(counts) == len(classes)):
+            return f"{where}.class_counts must list one count per class, or be null"
+        if counts is not None and not all(map(_count, counts)):
             return f"{where}.class_counts must be non-negative integers"
         for i, e in enumerate(split["shards"]):
             if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"]):
