@@ -32,10 +32,10 @@ from histodist.data.remote import ShardError  # a shard or manifest problem; the
 from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_write, file_digest
 from histodist.ingest import imageio, sources
-from histodist.ingest.slides import ranks, sharding
+from histodist.ingest.slides import claim, ranks, sharding
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
 from histodist.ingest.sources.split import split_items
-from histodist.ingest.sources.wsi import wsi_options
+from histodist.ingest.sources.wsi import WsiOptions, wsi_options
 from histodist.ingest.writer import INFO_DIR, ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
@@ -157,36 +157,72 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("manifest.json", "_info.json"):  # an interrupted run must not look complete
-        (out / stale).unlink(missing_ok=True)
     if wsi:
-        args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
-        per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
-                                          sum(it.extra["tiles"] for it in v))
-                     for k, v in splits.items()}  # fmt: skip
-        tasks = sharding.plan(splits, out, scan.reader, scan.classes, encoding=args.encoding,
-                              quality=args.jpeg_quality, per_shard=per_shard)  # fmt: skip
-        records = sharding.gather(tasks, sharding.write_share(tasks, rank, args.workers), rank)
-        if records is None:
-            print(f"histodist.shard: rank {rank.rank} of {rank.world}: shards written; the "
-                  "last rank to finish writes the manifest (or re-run the command)")  # fmt: skip
+        return _run_wsi(args, argv, scan, splits, rank, opts.wsi)
+    for stale in claim.MANIFEST_FILES:  # an interrupted run must not look complete
+        (out / stale).unlink(missing_ok=True)
+    tasks = plan(scan, splits, out, args)
+    return _finish(args, argv, scan, splits, tasks, write_all(tasks, args.workers))
+
+
+def _run_wsi(
+    args, argv, scan: Scan, splits: dict, rank: ranks.Rank, wsi: WsiOptions
+) -> dict | None:
+    """The wsi layout's shards, this rank's share; the manifest when this rank is the one to
+    write it (histodist.ingest.slides.claim), else None."""
+    out = Path(args.out)
+    args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
+    per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
+                                      sum(it.extra["tiles"] for it in v))
+                 for k, v in splits.items()}  # fmt: skip
+    tasks = sharding.plan(splits, out, scan.reader, scan.classes, encoding=args.encoding,
+                          quality=args.jpeg_quality, per_shard=per_shard)  # fmt: skip
+    tiling = wsi.record(args.magnification, scan.extra["labelled_by"])
+    digest = claim.plan_digest(tasks, {"name": _name(args), "source": str(Path(args.src).resolve()),
+                                       "seed": args.seed, "tiling": tiling,
+                                       "version": version_string()})  # fmt: skip
+    with claim.manifest_lock(out) as ledger:
+        ledger.clear_stale(digest)
+    records = sharding.gather(tasks, sharding.write_share(tasks, rank, args.workers), rank)
+    who = f"rank {rank.rank} of {rank.world}"
+    if records is None:
+        print(f"histodist.shard: {who}: shards written; the last rank to finish writes the "
+              "manifest (or re-run the command)")  # fmt: skip
+        return None
+    with claim.manifest_lock(out) as ledger:
+        if rank.world > 1 and ledger.current(digest):  # another task was first to finish
+            print(f"histodist.shard: {who}: shards written; the manifest is already written "
+                  "(by another task or an earlier run)")  # fmt: skip
             return None
-    else:
-        tasks = plan(scan, splits, out, args)
-        records = write_all(tasks, args.workers)
+        manifest = _finish(args, argv, scan, splits, tasks, records, tiling)
+        ledger.record(digest, claim.holder())
+    if rank.world > 1:
+        print(f"histodist.shard: {who}: every shard is finished: wrote the manifest")
+    return manifest
+
+
+def _finish(args, argv, scan: Scan, splits: dict, tasks: list[ShardTask], records: dict,
+            tiling: dict | None = None) -> dict:  # fmt: skip
+    """Remove an earlier plan's shards, write _info.json and the manifest (atomically, last);
+    `tiling`: the wsi layout's tiling record."""
+    out = Path(args.out)
     reused = sum(r["reused"] for r in records.values())
     if reused:
         print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
               "(complete and unchanged since they were written)")  # fmt: skip
     remove_stale(out, {t.name for t in tasks})
-    name = args.name or out.resolve().name
+    name = _name(args)
     manifest = build_manifest(name, args, scan, splits, records, argv)
-    if wsi:
+    if tiling is not None:
         manifest.update(sharding.manifest_slides(scan, splits, records))
-        manifest["tiling"] = opts.wsi.record(args.magnification, scan.extra["labelled_by"])
+        manifest["tiling"] = tiling
     _atomic_json(out / "_info.json", timm_info(name, manifest))
     _atomic_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _name(args: argparse.Namespace) -> str:
+    return args.name or Path(args.out).resolve().name
 
 
 def _rank() -> ranks.Rank:

@@ -322,13 +322,18 @@ def big_cohort(cohort, tmp_path_factory):
     return [str(a) for a in args], out
 
 
-def _subprocess(args: list[str], extra_env: dict | None = None, prefix: list[str] | None = None):
+def _subprocess(
+    args: list[str],
+    extra_env: dict | None = None,
+    prefix: list[str] | None = None,
+    module: str = "histodist.shard",
+):
     import subprocess
     import sys
 
     from trainkit import env
 
-    cmd = [sys.executable, *(prefix or ["-m"]), "histodist.shard", *args]
+    cmd = [sys.executable, *(prefix or ["-m"]), module, *args]
     return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -411,3 +416,42 @@ def test_train_and_evaluate_read_tile_shards_unchanged(cohort, tmp_path):
     m = json.loads((shards / "manifest.json").read_text())
     assert metrics["patch"]["n"] == m["splits"]["valid"]["num_samples"]
     assert 0.0 <= metrics["patch"]["auc"] <= 1.0
+
+
+def _same_manifest(a: Path, b: Path) -> None:
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        del m["created"], m["command"]
+    assert ma == mb
+
+
+@pytest.mark.slow
+def test_array_tasks_finishing_together_write_the_manifest_once(big_cohort, tmp_path):
+    """Two Slurm array tasks that finish their shards at the same moment (tests/shard_probe.py
+    holds each until both have): one of them writes the manifest, once, and it equals the
+    one-process run's."""
+    args, ref = big_cohort
+    out, log = tmp_path / "out", tmp_path / "writes.log"
+    probe = {"PROBE_BARRIER": str(tmp_path / "barrier"), "PROBE_BARRIER_N": "2",
+             "PROBE_LOG": str(log), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}  # fmt: skip
+    procs = [_subprocess([*args, "--out", str(out)], {**probe, "SLURM_ARRAY_TASK_ID": task},
+                         module="shard_probe") for task in ("0", "1")]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    writes = log.read_text().splitlines() if log.is_file() else []
+    assert len(writes) == 1, (writes, [o[0] for o in outputs])
+    assert sum("samples in" in stdout for stdout, _ in outputs) == 1  # one summary: the writer's
+    assert _shards(out) == _shards(ref)
+    _same_manifest(out, ref)
+    assert shard.main(["--verify", str(out)]) == 0
+    # Task 1 runs again (a requeue after it finished): the manifest stays, untouched.
+    before = (out / "manifest.json").stat()
+    p = _subprocess([*args, "--out", str(out)], {**probe, "PROBE_BARRIER_N": "1",
+                    "SLURM_ARRAY_TASK_ID": "1"}, module="shard_probe")  # fmt: skip
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "the manifest is already written" in stdout
+    assert log.read_text().splitlines() == writes
+    after = (out / "manifest.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
