@@ -265,6 +265,14 @@ def test_ranks_from_launcher_environments_and_balanced_share():
     assert ranks.from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == ranks.Rank(1, 2, True)
     with pytest.raises(ValueError, match="outside"):
         ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    # --array=3,7 as Slurm 22.05 describes it to task 7: a list has no positions
+    listed = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "7",
+              "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "2"}  # fmt: skip
+    with pytest.raises(ValueError, match="as a range, --array=0-N"):
+        ranks.from_env(listed)
+    stepped = {**listed, "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_STEP": "2",
+               "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}  # fmt: skip
+    assert ranks.from_env(stepped) == ranks.Rank(2, 3, False)  # --array=1-5:2
     weights = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
     owner = ranks.share(weights, 3)
     loads = [sum(w for w, o in zip(weights, owner, strict=True) if o == r) for r in range(3)]
