@@ -257,7 +257,7 @@ def test_shard_wsi_sbatch_tiles_with_the_tasks_cpus(stubs):
     (py,) = calls(log, "python")
     assert py["argv"] == ["-m", "histodist.shard", "--dataset", "wsi", "--workers", "6",
                           *TILE_ARGS]  # fmt: skip
-    assert "array task 1200_3 (restart 0): index 3 of 0-15 (16 tasks), 6 workers" in proc.stderr
+    assert "array task 1200_3 (restart 0): index 3 of 0-15 (16 tasks), --workers 6" in proc.stderr
     run(SHARD_WSI, array_env(env), *TILE_ARGS, "--workers", "2")  # the user's flags win
     assert calls(log, "python")[1]["argv"][-2:] == ["--workers", "2"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import tarfile
@@ -13,7 +12,7 @@ import pytest
 import tifffile
 from conftest import SHARED_DATA
 from PIL import Image
-from slidekit import CELL, asap_xml, block, geojson_rect, make_slide
+from slidekit import CELL, asap_xml, block, geojson_rect, make_cohort, make_slide
 
 from histodist import shard
 from histodist.ingest.slides import ranks
@@ -64,21 +63,7 @@ def read_tiles(out: Path) -> dict[str, list[dict]]:
 def cohort(tmp_path_factory, pcam_jpeg):
     """6 slides of 4 patients (two layouts, tissue blocks of 4-15 cells), labels by patient."""
     d = tmp_path_factory.mktemp("cohort")
-    rows = []
-    specs = [("p1-a", "p1", 1, 4), ("p1-b", "p1", 1, 6), ("p2-a", "p2", 0, 12),
-             ("p2-b", "p2", 0, 4), ("p3-a", "p3", 1, 15), ("p4-a", "p4", 0, 6)]  # fmt: skip
-    for i, (name, patient, label, n) in enumerate(specs):
-        cols = range(1, 4) if n % 3 == 0 else range(1, 3)  # 3 x n/3 or 2 x n/2 cells
-        rows_ = range(1, 1 + n // len(cols))
-        kind = "aperio" if i % 2 else "generic"
-        make_slide(d / "slides" / f"{name}.{'svs' if kind == 'aperio' else 'tif'}", pcam_jpeg,
-                   cols=6, rows=6, tissue=block(cols, rows_, label), kind=kind)  # fmt: skip
-        rows.append({"slide": name, "label": ["normal", "tumor"][label], "patient": patient})
-    with open(d / "slides.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["slide", "label", "patient"])
-        w.writeheader()
-        w.writerows(rows)
-    return d, {name: n for name, _, _, n in specs}
+    return d, make_cohort(d, pcam_jpeg)
 
 
 def test_real_cmu_slide_tiles_json_manifest_and_qc(tmp_path):
