@@ -42,6 +42,7 @@ from histodist.version import version_string
 FORMAT = "histodist-shards/1"
 SHARD_BYTES = 256 << 20  # default target: inside the 100-500 MB range WebDataset readers like
 MIN_SHARDS = 8  # small splits are still cut into 8 shards so ranks x loader workers all get some
+MIN_SAMPLES_PER_SHARD = 256  # ... of at least this many samples (the default plan's floor)
 # A typical node's shard readers: 8 GPUs x 4 loader workers. With fewer shards the training
 # loader cuts shards between readers by sample range (every sample is still read once per
 # epoch), and a reader passes over the part of a shard before its range: a seek in local
@@ -317,7 +318,7 @@ def samples_per_shard(
         per_sample = getattr(scan.reader, "bytes_per_sample", 96 * 96 * 3) + SAMPLE_OVERHEAD
     by_bytes = max(1, int(SHARD_BYTES // per_sample))
     n = len(items) if num_samples is None else num_samples
-    return min(by_bytes, max(256, math.ceil(n / MIN_SHARDS)))
+    return min(by_bytes, max(MIN_SAMPLES_PER_SHARD, math.ceil(n / MIN_SHARDS)))
 
 
 def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[ShardTask]:
@@ -346,20 +347,41 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
 
 
 def few_shards_warning(manifest: dict) -> str | None:
-    """One line when splits have fewer shards than a node's NODE_READERS readers."""
+    """One line when splits have fewer shards than a node's NODE_READERS readers, with the
+    --samples-per-shard that gives more; for slide tiles, none when no such value helps."""
     splits = manifest["splits"]
     few = [k for k, s in splits.items() if len(s["shards"]) < NODE_READERS]
     if not few:
         return None
+    if manifest.get("slides") is not None:
+        advice = _slide_shards_advice(manifest, few)
+        if advice is None:
+            return None
+    else:
+        n = splits[few[0]]["num_samples"]
+        per_shard = max(1, n // NODE_READERS)
+        advice = f"--samples-per-shard {per_shard} gives {few[0]} "
+        advice += f"{len(shard_sizes(n, per_shard))} shards"
     listed = ", ".join(f"{k} {len(splits[k]['shards'])}" for k in few)
-    n = splits[few[0]]["num_samples"]
-    per_shard = max(1, n // NODE_READERS)
     return (
         f"histodist.shard: warning: shards per split: {listed}, fewer than {NODE_READERS} "
         "(8 GPUs x 4 loader workers), so readers share shards and pass over the part before "
-        f"theirs; --samples-per-shard {per_shard} gives {few[0]} "
-        f"{len(shard_sizes(n, per_shard))} shards"
+        f"theirs; {advice}"
     )
+
+
+def _slide_shards_advice(manifest: dict, few: list[str]) -> str | None:
+    """The advice for tile shards, which hold whole slides where they fit: the largest
+    --samples-per-shard of at least MIN_SAMPLES_PER_SHARD tiles that gives NODE_READERS
+    shards (else the most shards such shards give) for the first split it gives more shards;
+    None when it gives none more (a small slide set: its shards are small already)."""
+    for split in few:
+        sizes = sharding.slide_sizes(manifest, split)
+        per_shard, count = sharding.per_shard_for(sizes, NODE_READERS, MIN_SAMPLES_PER_SHARD)
+        if count > len(manifest["splits"][split]["shards"]):
+            return (f"--samples-per-shard {per_shard} gives {split} {count} shards (whole "
+                    "slides where they fit)")  # fmt: skip
+    return None
 
 
 def write_all(tasks: list[ShardTask], workers: int) -> dict[str, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -66,9 +67,11 @@ def cohort(tmp_path_factory, pcam_jpeg):
     return d, make_cohort(d, pcam_jpeg)
 
 
-def test_real_cmu_slide_tiles_json_manifest_and_qc(tmp_path):
+def test_real_cmu_slide_tiles_json_manifest_and_qc(tmp_path, capsys):
     out = tmp_path / "cmu"
     assert run("--dataset", "wsi", "--src", _need(CMU), "--out", out, "--workers", 1) == 0
+    # One shard of 47 tiles: no --samples-per-shard of at least 256 tiles gives more: no advice
+    assert "shards per split" not in capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     rec = m["slides"]["CMU-1-Small-Region"]
     assert rec["sha256"] == CMU_SHA256 and rec["bytes"] == CMU.stat().st_size
@@ -262,6 +265,37 @@ def test_ranks_from_launcher_environments_and_balanced_share():
     owner = ranks.share(weights, 3)
     loads = [sum(w for w, o in zip(weights, owner, strict=True) if o == r) for r in range(3)]
     assert sorted(loads) == [18, 18, 19]
+
+
+def test_few_shards_advice_for_slides_is_what_the_shard_command_then_makes(
+    cohort, tmp_path, monkeypatch
+):
+    """Scaled down (4 readers, shards of >= 5 tiles: the cohort at FAST has 47 tiles in 6
+    slides), the advised --samples-per-shard, given to the shard command, makes the shards it
+    announced, whole slides where they fit; where no such value gives more shards, no line."""
+    d, cells = cohort
+    args = ["--dataset", "wsi", "--src", d / "slides", "--labels", d / "slides.csv", *FAST,
+            "--val-fraction", 0.2, "--test-fraction", 0]  # fmt: skip
+    assert run(*args, "--out", tmp_path / "a") == 0
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    monkeypatch.setattr(shard, "NODE_READERS", 4)
+    monkeypatch.setattr(shard, "MIN_SAMPLES_PER_SHARD", 5)
+    warning = shard.few_shards_warning(m)
+    advice = re.search(
+        r"--samples-per-shard (\d+) gives (\w+) (\d+) shards \(whole slides", warning
+    )
+    per_shard, split, count = int(advice[1]), advice[2], int(advice[3])
+    assert per_shard >= 5 and count > len(m["splits"][split]["shards"])
+    assert run(*args, "--samples-per-shard", per_shard, "--out", tmp_path / "b") == 0
+    m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(m2["splits"][split]["shards"]) == count
+    for name, rec in m2["slides"].items():
+        assert rec["tiles"] == cells[name]
+        assert len(rec["shards"]) == (
+            1 if rec["tiles"] <= per_shard else -(-rec["tiles"] // per_shard)
+        )
+    monkeypatch.setattr(shard, "MIN_SAMPLES_PER_SHARD", 48)  # one shard holds every slide
+    assert shard.few_shards_warning(m) is None
 
 
 def test_pack_keeps_slides_whole_and_splits_only_large_ones():
