@@ -31,16 +31,17 @@ from histodist.data.remote import ShardError  # a shard or manifest problem; the
 from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_write, file_digest
 from histodist.ingest import imageio, outdir, sources
-from histodist.ingest.slides import ranks, sharding
+from histodist.ingest.slides import claim, ranks, sharding
 from histodist.ingest.sources import FileReader, Item, Scan, SourceOptions
 from histodist.ingest.sources.split import split_items
-from histodist.ingest.sources.wsi import wsi_options
+from histodist.ingest.sources.wsi import WsiOptions, wsi_options
 from histodist.ingest.writer import ShardTask, read_shard_keys, write_shard
 from histodist.version import version_string
 
 FORMAT = "histodist-shards/1"
 SHARD_BYTES = 256 << 20  # default target: inside the 100-500 MB range WebDataset readers like
 MIN_SHARDS = 8  # small splits are still cut into 8 shards so ranks x loader workers all get some
+MIN_SAMPLES_PER_SHARD = 256  # ... of at least this many samples (the default plan's floor)
 # A typical node's shard readers: 8 GPUs x 4 loader workers. With fewer shards the training
 # loader cuts shards between readers by sample range (every sample is still read once per
 # epoch), and a reader passes over the part of a shard before its range: a seek in local
@@ -163,35 +164,72 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict | None:
     scan = sources.scan(args.dataset, args.src, opts)
     splits = make_splits(scan, args.val_fraction, args.test_fraction, args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    outdir.start(found)  # an interrupted run must not look complete
     if wsi:
-        args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
-        per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
-                                          sum(it.extra["tiles"] for it in v))
-                     for k, v in splits.items()}  # fmt: skip
-        tasks = sharding.plan(splits, out, scan.reader, scan.classes, encoding=args.encoding,
-                              quality=args.jpeg_quality, per_shard=per_shard)  # fmt: skip
-        records = sharding.gather(tasks, sharding.write_share(tasks, rank, args.workers), rank)
-        if records is None:
-            print(f"histodist.shard: rank {rank.rank} of {rank.world}: shards written; the "
-                  "last rank to finish writes the manifest (or re-run the command)")  # fmt: skip
+        return _run_wsi(args, argv, scan, splits, rank, opts.wsi, found)
+    outdir.start(found)  # an interrupted run must not look complete
+    tasks = plan(scan, splits, out, args)
+    return _finish(args, argv, scan, splits, tasks, write_all(tasks, args.workers), found)
+
+
+def _run_wsi(
+    args, argv, scan: Scan, splits: dict, rank: ranks.Rank, wsi: WsiOptions, found: outdir.OutDir
+) -> dict | None:
+    """The wsi layout's shards, this rank's share; the manifest when this rank is the one to
+    write it (histodist.ingest.slides.claim), else None."""
+    out = Path(args.out)
+    args.encoding = "jpeg" if args.encoding == "auto" else args.encoding  # tiles: JPEG q95
+    per_shard = {k: samples_per_shard(scan, v, args.samples_per_shard,
+                                      sum(it.extra["tiles"] for it in v))
+                 for k, v in splits.items()}  # fmt: skip
+    tasks = sharding.plan(splits, out, scan.reader, scan.classes, encoding=args.encoding,
+                          quality=args.jpeg_quality, per_shard=per_shard)  # fmt: skip
+    tiling = wsi.record(args.magnification, scan.extra["labelled_by"])
+    digest = claim.plan_digest(tasks, {"name": _name(args), "source": str(Path(args.src).resolve()),
+                                       "seed": args.seed, "tiling": tiling,
+                                       "version": version_string()})  # fmt: skip
+    with claim.manifest_lock(out) as ledger:
+        ledger.clear_stale(digest)
+    records = sharding.gather(tasks, sharding.write_share(tasks, rank, args.workers), rank)
+    who = f"rank {rank.rank} of {rank.world}"
+    if records is None:
+        print(f"histodist.shard: {who}: shards written; the last rank to finish writes the "
+              "manifest (or re-run the command)")  # fmt: skip
+        return None
+    with claim.manifest_lock(out) as ledger:
+        if rank.world > 1 and ledger.current(digest):  # another task was first to finish
+            print(f"histodist.shard: {who}: shards written; the manifest is already written "
+                  "(by another task or an earlier run)")  # fmt: skip
             return None
-    else:
-        tasks = plan(scan, splits, out, args)
-        records = write_all(tasks, args.workers)
+        manifest = _finish(args, argv, scan, splits, tasks, records, found, tiling)
+        ledger.record(digest, claim.holder())
+    if rank.world > 1:
+        print(f"histodist.shard: {who}: every shard is finished: wrote the manifest")
+    return manifest
+
+
+def _finish(args, argv, scan: Scan, splits: dict, tasks: list[ShardTask], records: dict,
+            found: outdir.OutDir, tiling: dict | None = None) -> dict:  # fmt: skip
+    """Remove an earlier plan's shards (the writer's own, `found` at start: histodist.ingest.
+    outdir), write _info.json and the manifest (atomically, last); `tiling`: the wsi layout's
+    tiling record."""
+    out = Path(args.out)
     reused = sum(r["reused"] for r in records.values())
     if reused:
         print(f"histodist.shard: {out}: {reused} of {len(records)} shards reused "
               "(complete and unchanged since they were written)")  # fmt: skip
     outdir.remove_stale(found, {t.name for t in tasks})
-    name = args.name or out.resolve().name
+    name = _name(args)
     manifest = build_manifest(name, args, scan, splits, records, argv)
-    if wsi:
+    if tiling is not None:
         manifest.update(sharding.manifest_slides(scan, splits, records))
-        manifest["tiling"] = opts.wsi.record(args.magnification, scan.extra["labelled_by"])
+        manifest["tiling"] = tiling
     _atomic_json(out / "_info.json", timm_info(name, manifest))
     _atomic_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _name(args: argparse.Namespace) -> str:
+    return args.name or Path(args.out).resolve().name
 
 
 def _rank() -> ranks.Rank:
@@ -286,7 +324,7 @@ def samples_per_shard(
         per_sample = getattr(scan.reader, "bytes_per_sample", 96 * 96 * 3) + SAMPLE_OVERHEAD
     by_bytes = max(1, int(SHARD_BYTES // per_sample))
     n = len(items) if num_samples is None else num_samples
-    return min(by_bytes, max(256, math.ceil(n / MIN_SHARDS)))
+    return min(by_bytes, max(MIN_SAMPLES_PER_SHARD, math.ceil(n / MIN_SHARDS)))
 
 
 def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[ShardTask]:
@@ -315,20 +353,41 @@ def plan(scan: Scan, splits: dict, out: Path, args: argparse.Namespace) -> list[
 
 
 def few_shards_warning(manifest: dict) -> str | None:
-    """One line when splits have fewer shards than a node's NODE_READERS readers."""
+    """One line when splits have fewer shards than a node's NODE_READERS readers, with the
+    --samples-per-shard that gives more; for slide tiles, none when no such value helps."""
     splits = manifest["splits"]
     few = [k for k, s in splits.items() if len(s["shards"]) < NODE_READERS]
     if not few:
         return None
+    if manifest.get("slides") is not None:
+        advice = _slide_shards_advice(manifest, few)
+        if advice is None:
+            return None
+    else:
+        n = splits[few[0]]["num_samples"]
+        per_shard = max(1, n // NODE_READERS)
+        advice = f"--samples-per-shard {per_shard} gives {few[0]} "
+        advice += f"{len(shard_sizes(n, per_shard))} shards"
     listed = ", ".join(f"{k} {len(splits[k]['shards'])}" for k in few)
-    n = splits[few[0]]["num_samples"]
-    per_shard = max(1, n // NODE_READERS)
     return (
         f"histodist.shard: warning: shards per split: {listed}, fewer than {NODE_READERS} "
         "(8 GPUs x 4 loader workers), so readers share shards and pass over the part before "
-        f"theirs; --samples-per-shard {per_shard} gives {few[0]} "
-        f"{len(shard_sizes(n, per_shard))} shards"
+        f"theirs; {advice}"
     )
+
+
+def _slide_shards_advice(manifest: dict, few: list[str]) -> str | None:
+    """The advice for tile shards, which hold whole slides where they fit: the largest
+    --samples-per-shard of at least MIN_SAMPLES_PER_SHARD tiles that gives NODE_READERS
+    shards (else the most shards such shards give) for the first split it gives more shards;
+    None when it gives none more (a small slide set: its shards are small already)."""
+    for split in few:
+        sizes = sharding.slide_sizes(manifest, split)
+        per_shard, count = sharding.per_shard_for(sizes, NODE_READERS, MIN_SAMPLES_PER_SHARD)
+        if count > len(manifest["splits"][split]["shards"]):
+            return (f"--samples-per-shard {per_shard} gives {split} {count} shards (whole "
+                    "slides where they fit)")  # fmt: skip
+    return None
 
 
 def write_all(tasks: list[ShardTask], workers: int) -> dict[str, dict]:

@@ -16,6 +16,7 @@ compressed (JPEG needs imagecodecs, which the project does not install).
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,26 @@ def asap_xml(path: Path, polygons: list[tuple[str, list[tuple[float, float]]]]) 
     path.write_text(f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{"".join(anns)}'
                     f"</Annotations><AnnotationGroups>{groups}</AnnotationGroups></ASAP_Annotations>")  # fmt: skip
     return path
+
+
+COHORT = [("p1-a", "p1", 1, 4), ("p1-b", "p1", 1, 6), ("p2-a", "p2", 0, 12),
+          ("p2-b", "p2", 0, 4), ("p3-a", "p3", 1, 15), ("p4-a", "p4", 0, 6)]  # fmt: skip
+
+
+def make_cohort(d: Path, pcam_jpeg: Path) -> dict[str, int]:
+    """COHORT's 6 slides (name, patient, label, tissue cells) of 4 patients in `d/slides`
+    (both layouts, 6 x 6 cells, a tissue block of 4-15 cells each) and their labels by patient
+    in `d/slides.csv`; returns slide name -> tissue cells."""
+    rows = []
+    for i, (name, patient, label, n) in enumerate(COHORT):
+        cols = range(1, 4) if n % 3 == 0 else range(1, 3)  # 3 x n/3 or 2 x n/2 cells
+        rows_ = range(1, 1 + n // len(cols))
+        kind = "aperio" if i % 2 else "generic"
+        make_slide(d / "slides" / f"{name}.{'svs' if kind == 'aperio' else 'tif'}", pcam_jpeg,
+                   cols=6, rows=6, tissue=block(cols, rows_, label), kind=kind)  # fmt: skip
+        rows.append({"slide": name, "label": ["normal", "tumor"][label], "patient": patient})
+    with open(d / "slides.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["slide", "label", "patient"])
+        w.writeheader()
+        w.writerows(rows)
+    return {name: n for name, _, _, n in COHORT}

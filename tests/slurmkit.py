@@ -2,7 +2,7 @@
 
     with local_slurm(tmp_dir) as slurm:   # or the `slurm_cluster` fixture in test_slurm.py
         job = slurm.submit(["launch/slurm/train.sbatch", ...], env)
-        slurm.job(job)["JobState"]
+        slurm.job(job)["JobState"]          # slurm.array(job) for an array's tasks
 
 munged, slurmctld and slurmd run in the foreground as children of the test, with their own
 munge socket, key, ports, state folders and SLURM_CONF in a private folder, so they clash
@@ -121,6 +121,14 @@ class Slurm:
         """`scontrol show job` as {key: value} (JobState, Restarts, TimeLimit, ...)."""
         out = self.cmd("scontrol", "show", "job", "-o", job)
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def array(self, job: str) -> dict[str, dict[str, str]]:
+        """An array job's tasks as {ArrayTaskId: `scontrol show job` fields}; the tasks not
+        started yet may share one entry ("0-2", "1,2")."""
+        out = self.cmd("scontrol", "show", "job", "-o", job)
+        tasks = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+                 for line in out.splitlines() if line.strip()]  # fmt: skip
+        return {t["ArrayTaskId"]: t for t in tasks}
 
     def wait(self, job: str, done, timeout: float, what: str) -> dict[str, str]:
         """Poll the job until done(info) is true; raises TimeoutError naming `what`."""

@@ -20,7 +20,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm" / "train.sbatch"]
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + sorted((LAUNCH / "slurm").glob("*.sbatch"))
+SHARD_WSI = LAUNCH / "slurm" / "shard_wsi.sbatch"
 
 STUB = """#!{python}
 import json, os, re, signal, subprocess, sys, time
@@ -42,6 +43,12 @@ if name == "scontrol" and args[:2] == ["show", "hostnames"]:
             lo, _, hi = part.partition("-")
             for i in range(int(lo), int(hi or lo) + 1):
                 print(f"{{m.group(1)}}{{i:0{{len(lo)}}d}}")
+elif name == "python" and os.environ.get("STUB_PYTHON_BLOCK"):  # a long tiling run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open(os.environ["STUB_LOG"] + ".ready", "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
 elif name == "scancel":  # Slurm signals the step's tasks: here the blocking srun plays them
     with open(os.environ["STUB_LOG"] + ".ready") as f:
         os.kill(int(f.read()), signal.SIGTERM)
@@ -231,6 +238,60 @@ def test_sbatch_forwards_signals_and_requeues_on_time_limit(stubs, sig):
     assert [c["argv"] for c in calls(log, "srun-signal")] == [["SIGTERM"]]
     requeues = [c["argv"] for c in calls(log, "scontrol") if c["argv"][0] == "requeue"]
     assert requeues == ([["requeue", "1234"]] if sig == "USR1" else [])
+
+
+def array_env(env: dict, **extra) -> dict:
+    """A Slurm array task's environment: task 3 of --array=0-15, job 1236 (array 1200)."""
+    return {**env, "SLURM_JOB_ID": "1236", "SLURM_ARRAY_JOB_ID": "1200",
+            "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "15",
+            "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS": "1",
+            "SLURM_SUBMIT_DIR": str(ROOT), **extra}  # fmt: skip
+
+
+TILE_ARGS = ("--src", "/data/slides", "--mpp", "0.5", "--out", "/shared/shards/cohort")
+
+
+def test_shard_wsi_sbatch_tiles_with_the_tasks_cpus(stubs):
+    env, log = stubs
+    proc = run(SHARD_WSI, array_env(env), *TILE_ARGS)
+    (py,) = calls(log, "python")
+    assert py["argv"] == ["-m", "histodist.shard", "--dataset", "wsi", "--workers", "6",
+                          *TILE_ARGS]  # fmt: skip
+    assert "array task 1200_3 (restart 0): index 3 of 0-15 (16 tasks), --workers 6" in proc.stderr
+    run(SHARD_WSI, array_env(env), *TILE_ARGS, "--workers", "2")  # the user's flags win
+    assert calls(log, "python")[1]["argv"][-2:] == ["--workers", "2"]
+
+
+def test_shard_wsi_sbatch_refuses_what_it_cannot_run(stubs):
+    env, log = stubs
+    proc = run(SHARD_WSI, env, *TILE_ARGS, check=False)
+    assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
+    proc = run(SHARD_WSI, array_env(env, SLURM_NTASKS="4"), *TILE_ARGS, check=False)
+    assert proc.returncode == 2 and "--ntasks=1" in proc.stderr
+    assert calls(log, "python") == []
+
+
+def test_shard_wsi_sbatch_requeues_its_own_task_on_time_limit(stubs):
+    """USR1 (time limit near): `scontrol requeue <array job>_<task>`, never the bare job id,
+    which for an array's last task names the whole array; the tiler is left to Slurm."""
+    env, log = stubs
+    env = array_env(env, STUB_PYTHON_BLOCK="1", SLURM_JOB_ID="1200", SLURM_ARRAY_TASK_ID="15")
+    proc = subprocess.Popen(["bash", str(SHARD_WSI), *TILE_ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    ready = Path(f"{log}.ready")
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "python stub never started"
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while not calls(log, "scontrol") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None  # still waiting for the tiler, which Slurm ends
+    os.kill(int(ready.read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert [c["argv"] for c in calls(log, "scontrol")] == [["requeue", "1200_15"]]
+    assert "time limit near: requeueing task 1200_15" in err
 
 
 def test_single_gpu_runs_the_trainer_itself(stubs):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from conftest import SHARED_DATA
 from PIL import Image
-from slidekit import CELL, asap_xml, block, geojson_rect, make_slide
+from slidekit import CELL, asap_xml, block, geojson_rect, make_cohort, make_slide
 
 from histodist import shard
 from histodist.ingest.slides import ranks
@@ -64,26 +64,14 @@ def read_tiles(out: Path) -> dict[str, list[dict]]:
 def cohort(tmp_path_factory, pcam_jpeg):
     """6 slides of 4 patients (two layouts, tissue blocks of 4-15 cells), labels by patient."""
     d = tmp_path_factory.mktemp("cohort")
-    rows = []
-    specs = [("p1-a", "p1", 1, 4), ("p1-b", "p1", 1, 6), ("p2-a", "p2", 0, 12),
-             ("p2-b", "p2", 0, 4), ("p3-a", "p3", 1, 15), ("p4-a", "p4", 0, 6)]  # fmt: skip
-    for i, (name, patient, label, n) in enumerate(specs):
-        cols = range(1, 4) if n % 3 == 0 else range(1, 3)  # 3 x n/3 or 2 x n/2 cells
-        rows_ = range(1, 1 + n // len(cols))
-        kind = "aperio" if i % 2 else "generic"
-        make_slide(d / "slides" / f"{name}.{'svs' if kind == 'aperio' else 'tif'}", pcam_jpeg,
-                   cols=6, rows=6, tissue=block(cols, rows_, label), kind=kind)  # fmt: skip
-        rows.append({"slide": name, "label": ["normal", "tumor"][label], "patient": patient})
-    with open(d / "slides.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["slide", "label", "patient"])
-        w.writeheader()
-        w.writerows(rows)
-    return d, {name: n for name, _, _, n in specs}
+    return d, make_cohort(d, pcam_jpeg)
 
 
-def test_real_cmu_slide_tiles_json_manifest_and_qc(tmp_path):
+def test_real_cmu_slide_tiles_json_manifest_and_qc(tmp_path, capsys):
     out = tmp_path / "cmu"
     assert run("--dataset", "wsi", "--src", _need(CMU), "--out", out, "--workers", 1) == 0
+    # One shard of 47 tiles: no --samples-per-shard of at least 256 tiles gives more: no advice
+    assert "shards per split" not in capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     rec = m["slides"]["CMU-1-Small-Region"]
     assert rec["sha256"] == CMU_SHA256 and rec["bytes"] == CMU.stat().st_size
@@ -265,10 +253,49 @@ def test_ranks_from_launcher_environments_and_balanced_share():
     assert ranks.from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == ranks.Rank(1, 2, True)
     with pytest.raises(ValueError, match="outside"):
         ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    # --array=3,7 as Slurm 22.05 describes it to task 7: a list has no positions
+    listed = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "7",
+              "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "2"}  # fmt: skip
+    with pytest.raises(ValueError, match="as a range, --array=0-N"):
+        ranks.from_env(listed)
+    stepped = {**listed, "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_STEP": "2",
+               "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}  # fmt: skip
+    assert ranks.from_env(stepped) == ranks.Rank(2, 3, False)  # --array=1-5:2
     weights = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
     owner = ranks.share(weights, 3)
     loads = [sum(w for w, o in zip(weights, owner, strict=True) if o == r) for r in range(3)]
     assert sorted(loads) == [18, 18, 19]
+
+
+def test_few_shards_advice_for_slides_is_what_the_shard_command_then_makes(
+    cohort, tmp_path, monkeypatch
+):
+    """Scaled down (4 readers, shards of >= 5 tiles: the cohort at FAST has 47 tiles in 6
+    slides), the advised --samples-per-shard, given to the shard command, makes the shards it
+    announced, whole slides where they fit; where no such value gives more shards, no line."""
+    d, cells = cohort
+    args = ["--dataset", "wsi", "--src", d / "slides", "--labels", d / "slides.csv", *FAST,
+            "--val-fraction", 0.2, "--test-fraction", 0]  # fmt: skip
+    assert run(*args, "--out", tmp_path / "a") == 0
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    monkeypatch.setattr(shard, "NODE_READERS", 4)
+    monkeypatch.setattr(shard, "MIN_SAMPLES_PER_SHARD", 5)
+    warning = shard.few_shards_warning(m)
+    advice = re.search(
+        r"--samples-per-shard (\d+) gives (\w+) (\d+) shards \(whole slides", warning
+    )
+    per_shard, split, count = int(advice[1]), advice[2], int(advice[3])
+    assert per_shard >= 5 and count > len(m["splits"][split]["shards"])
+    assert run(*args, "--samples-per-shard", per_shard, "--out", tmp_path / "b") == 0
+    m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(m2["splits"][split]["shards"]) == count
+    for name, rec in m2["slides"].items():
+        assert rec["tiles"] == cells[name]
+        assert len(rec["shards"]) == (
+            1 if rec["tiles"] <= per_shard else -(-rec["tiles"] // per_shard)
+        )
+    monkeypatch.setattr(shard, "MIN_SAMPLES_PER_SHARD", 48)  # one shard holds every slide
+    assert shard.few_shards_warning(m) is None
 
 
 def test_pack_keeps_slides_whole_and_splits_only_large_ones():
@@ -322,13 +349,18 @@ def big_cohort(cohort, tmp_path_factory):
     return [str(a) for a in args], out
 
 
-def _subprocess(args: list[str], extra_env: dict | None = None, prefix: list[str] | None = None):
+def _subprocess(
+    args: list[str],
+    extra_env: dict | None = None,
+    prefix: list[str] | None = None,
+    module: str = "histodist.shard",
+):
     import subprocess
     import sys
 
     from trainkit import env
 
-    cmd = [sys.executable, *(prefix or ["-m"]), "histodist.shard", *args]
+    cmd = [sys.executable, *(prefix or ["-m"]), module, *args]
     return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -411,3 +443,42 @@ def test_train_and_evaluate_read_tile_shards_unchanged(cohort, tmp_path):
     m = json.loads((shards / "manifest.json").read_text())
     assert metrics["patch"]["n"] == m["splits"]["valid"]["num_samples"]
     assert 0.0 <= metrics["patch"]["auc"] <= 1.0
+
+
+def _same_manifest(a: Path, b: Path) -> None:
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        del m["created"], m["command"]
+    assert ma == mb
+
+
+@pytest.mark.slow
+def test_array_tasks_finishing_together_write_the_manifest_once(big_cohort, tmp_path):
+    """Two Slurm array tasks that finish their shards at the same moment (tests/shard_probe.py
+    holds each until both have): one of them writes the manifest, once, and it equals the
+    one-process run's."""
+    args, ref = big_cohort
+    out, log = tmp_path / "out", tmp_path / "writes.log"
+    probe = {"PROBE_BARRIER": str(tmp_path / "barrier"), "PROBE_BARRIER_N": "2",
+             "PROBE_LOG": str(log), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}  # fmt: skip
+    procs = [_subprocess([*args, "--out", str(out)], {**probe, "SLURM_ARRAY_TASK_ID": task},
+                         module="shard_probe") for task in ("0", "1")]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    writes = log.read_text().splitlines() if log.is_file() else []
+    assert len(writes) == 1, (writes, [o[0] for o in outputs])
+    assert sum("samples in" in stdout for stdout, _ in outputs) == 1  # one summary: the writer's
+    assert _shards(out) == _shards(ref)
+    _same_manifest(out, ref)
+    assert shard.main(["--verify", str(out)]) == 0
+    # Task 1 runs again (a requeue after it finished): the manifest stays, untouched.
+    before = (out / "manifest.json").stat()
+    p = _subprocess([*args, "--out", str(out)], {**probe, "PROBE_BARRIER_N": "1",
+                    "SLURM_ARRAY_TASK_ID": "1"}, module="shard_probe")  # fmt: skip
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "the manifest is already written" in stdout
+    assert log.read_text().splitlines() == writes
+    after = (out / "manifest.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

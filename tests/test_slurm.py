@@ -6,8 +6,12 @@ whole minute plus one, so Slurm's own time-limit warning (--signal=B:USR1@115) i
 and reaches the batch script at slurmctld's next check. The first run pauses after each step
 (tests/slurm_probe.py) so that the warning lands mid-training on any machine. Checked: the
 warning arrives, both ranks save checkpoints/last, the job requeues itself, and the requeued
-job resumes the same run and ends at the step count of an uninterrupted run. Skipped, with
-the reason, where Slurm cannot start (not root, packages missing).
+job resumes the same run and ends at the step count of an uninterrupted run.
+
+launch/slurm/shard_wsi.sbatch runs as a 3-task array tiling synthetic slides; one task is
+requeued by the script's own time-limit path mid-tiling and resumes; the shards and manifest
+equal a one-process run's. Skipped, with the reason, where Slurm cannot start (not root,
+packages missing).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -151,3 +156,103 @@ def test_slurm_time_limit_checkpoints_every_rank_requeues_and_resumes(
         )
         + f"\nfinished at step {final['step']} (uninterrupted: {uninterrupted_steps(shards)})"
     )
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    m = json.loads((out / "manifest.json").read_text())
+    return {sh["name"]: (out / sh["name"]).read_bytes()
+            for s in m["splits"].values() for sh in s["shards"]}  # fmt: skip
+
+
+def _manifest(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    del m["created"], m["command"]
+    return m
+
+
+def _tile_keys(out: Path) -> list[str]:
+    import tarfile
+
+    keys = []
+    for name in _shard_bytes(out):
+        with tarfile.open(out / name) as tar:
+            keys += [m.name.split(".", 1)[0] for m in tar if m.name.endswith(".json")]
+    return keys
+
+
+def test_slurm_array_tiles_slides_like_one_process_and_a_requeued_task_resumes(
+    slurm_cluster, tmp_path, pcam_jpeg
+):
+    """launch/slurm/shard_wsi.sbatch as a 3-task array over 6 synthetic slides of real PCam
+    patches, one CPU per task. Task 2 stops after its first slide part (tests/shard_probe.py)
+    and gets the script's time-limit warning (USR1 to the batch script): it requeues itself,
+    alone (the last task's job id is the array's own), and tasks 0 and 1 finish meanwhile,
+    leaving the manifest to the last. The requeued task reuses its finished part, finishes,
+    and writes the manifest, once. Shards byte-identical
+    to a one-process run's, the same manifest (but `created` and `command`), every tile once."""
+    pytest.importorskip("openslide", reason="the wsi extra (openslide) is not installed")
+    from slidekit import make_cohort
+
+    from histodist import shard
+
+    slurm = slurm_cluster
+    make_cohort(tmp_path, pcam_jpeg)
+    flags = ["--src", str(tmp_path / "slides"), "--labels", str(tmp_path / "slides.csv"),
+             "--mpp", "0.25", "--tile-size", "64", "--samples-per-shard", "100",
+             "--val-fraction", "0.2", "--test-fraction", "0", "--name", "cohort"]  # fmt: skip
+    ref, out = tmp_path / "ref", tmp_path / "array"
+    assert shard.main(["--dataset", "wsi", *flags, "--workers", "1", "--out", str(ref)]) == 0
+    mark, writes = tmp_path / "paused", tmp_path / "manifest-writes.log"
+    e = env(SHARD_MODULE="shard_probe", PROBE_PAUSE_TASK="2", PROBE_PAUSE_MARK=str(mark),
+            PROBE_LOG=str(writes))  # fmt: skip
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"  # this python
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    script = str(ROOT / "launch" / "slurm" / "shard_wsi.sbatch")
+    job = slurm.submit(["--array=0-2", "--cpus-per-task=1", "--time=10",
+                        f"--output={logs}/%a.out", script, *flags, "--out", str(out)],
+                       e, cwd=ROOT)  # fmt: skip
+
+    def log(task: int) -> str:
+        path = logs / f"{task}.out"
+        return path.read_text() if path.is_file() else ""
+
+    def states() -> dict[str, str]:
+        tasks = slurm.array(job)
+        assert all(tasks[t]["Restarts"] == "0" for t in ("0", "1") if t in tasks), tasks
+        return {k: v["JobState"] for k, v in tasks.items()}
+
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert time.monotonic() < deadline, f"task 2 never paused: {states()}\n{log(2)[-3000:]}"
+        time.sleep(0.2)
+    slurm.cmd("scancel", "--batch", "--signal=USR1", f"{job}_2")  # the time-limit warning
+    slurm.wait(f"{job}_2", lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 60,
+               "task 2's requeue")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not all(states().get(t) == "COMPLETED" for t in ("0", "1")):
+        assert time.monotonic() < deadline, f"tasks 0 and 1 did not end: {states()}"
+        time.sleep(0.5)
+    assert not (out / "manifest.json").exists()  # task 2's shards are missing yet
+    # Slurm holds a requeued job ~2 minutes; release it (not at once: a start within a second
+    # of the requeue can be killed as "Job credential revoked", see the training test).
+    slurm.cmd("scontrol", "update", f"JobId={job}_2", "StartTime=now+3")
+    info = slurm.wait(f"{job}_2", lambda j: j["JobState"] not in ("PENDING", "RUNNING",
+                      "COMPLETING"), 120, "the requeued task's end")  # fmt: skip
+    assert info["JobState"] == "COMPLETED", f"{log(2)[-3000:]}\n{info}\n{slurm.daemon_logs()}"
+    first, second = log(2).split(f"array task {job}_2 (restart 1)")
+    assert f"time limit near: requeueing task {job}_2" in first
+    assert "slide parts were finished by an earlier run: reused" in second
+    assert "rank 2 of 3: every shard is finished: wrote the manifest" in second
+    for task in (0, 1):  # one run each, untouched by task 2's requeue
+        assert f"rank {task} of 3: shards written; the last rank" in log(task), log(task)
+        assert "(restart 1)" not in log(task) and slurm.job(f"{job}_{task}")["Restarts"] == "0"
+    assert writes.read_text().splitlines() == ["manifest 2"]  # once, by the last task
+    assert _shard_bytes(out) == _shard_bytes(ref)
+    assert _manifest(out) == _manifest(ref)
+    keys = _tile_keys(out)
+    assert len(keys) == len(set(keys)) == sum(s["num_samples"] for s in
+                                              _manifest(ref)["splits"].values())  # fmt: skip
+    assert shard.main(["--verify", str(out)]) == 0
+    said = r"(?:\[histodist\.launch\]|histodist\.shard:)[^\r\n]*"  # not the progress bars
+    print("\n".join(line for t in range(3) for line in re.findall(said, log(t))))

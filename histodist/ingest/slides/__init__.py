@@ -11,6 +11,7 @@ survey.py       one slide's metadata, checksum, tissue mask, tile plan and QC pi
 sharding.py     slides packed into shards, this rank's shards written in per-slide parts, the
                 manifest's slide records
 ranks.py        which rank of a cluster run this is (torchrun, accelerate, Slurm); sharing work
+claim.py        which rank writes the manifest: once, under a lock in the output folder
 
 The layout itself (labels, splits, the writer's reader) is histodist.ingest.sources.wsi.
 """

@@ -1,12 +1,15 @@
 """Which process of a cluster run this is, and how work is shared between them.
 
 Every rank computes the same plan, takes its share of the shards, and writes them; the
-manifest is written by whichever rank finds every shard finished after its own (under a
-launcher that starts all ranks at once, rank 0 waits for the others, so the job ends with the
-manifest). Launchers, in the order they are looked for:
+manifest is written, once, by the first rank to find every shard finished after its own
+(histodist.ingest.slides.claim; under a launcher that starts all ranks at once, rank 0 waits
+for the others, so the job ends with the manifest). Launchers, in the order they are looked
+for:
 - torchrun / `accelerate launch`: RANK, WORLD_SIZE (all ranks run at once);
-- a Slurm array (`sbatch --array=0-N`): SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of
-  SLURM_ARRAY_TASK_COUNT (tasks may run one after the other: nobody waits);
+- a Slurm array (`sbatch --array=0-N[:step]`, launch/slurm/shard_wsi.sbatch):
+  (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / step of SLURM_ARRAY_TASK_COUNT (tasks may
+  run one after the other: nobody waits; a list such as --array=3,7 gives no position, and
+  is refused);
 - `srun` with several tasks: SLURM_PROCID of SLURM_NTASKS (all at once).
 """
 
@@ -37,13 +40,23 @@ def from_env(env: Mapping[str, str] | None = None) -> Rank:
     if "RANK" in env and "WORLD_SIZE" in env:
         return _checked(int(env["RANK"]), int(env["WORLD_SIZE"]), True)
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
-        rank = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
-        return _checked(rank, int(env["SLURM_ARRAY_TASK_COUNT"]), False)
+        return _array_rank(env)
     if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
         return _checked(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), True)
     return Rank()
+
+
+def _array_rank(env: Mapping[str, str]) -> Rank:
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+    rank, off = divmod(task - first, step)
+    if off or not 0 <= rank < count:  # a list (--array=3,7): Slurm gives no task's position
+        raise ValueError(
+            f"Slurm array task {task} is not one of {count} tasks {first}, {first + step}, ... "
+            "(SLURM_ARRAY_TASK_MIN/STEP/COUNT): submit the array as a range, --array=0-N"
+        )
+    return Rank(rank, count, False)
 
 
 def _checked(rank: int, world: int, together: bool) -> Rank:

@@ -59,6 +59,25 @@ def pack(sizes: list[int], per_shard: int) -> list[list[tuple[int, int, int]]]:
     return shards
 
 
+def slide_sizes(manifest: dict, split: str) -> list[int]:
+    """Tiles per slide of a split, in the order its shards hold them (manifest `slides`)."""
+    recs = [r for r in manifest["slides"].values() if r["split"] == split and r["shards"]]
+    recs.sort(key=lambda r: (r["shards"][0]["name"], r["shards"][0]["start"]))
+    return [r["tiles"] for r in recs]
+
+
+def per_shard_for(sizes: list[int], target: int, floor: int) -> tuple[int, int]:
+    """(tiles per shard, shards `pack` makes of `sizes` with it): the largest value >= floor
+    that gives at least `target` shards, else `floor` (the most shards of >= floor tiles)."""
+    lo, hi = floor, max(floor, sum(sizes))
+    if len(pack(sizes, lo)) < target:
+        return lo, len(pack(sizes, lo))
+    while lo < hi:  # the largest value still giving `target` shards (binary search)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(pack(sizes, mid)) >= target else (lo, mid - 1)
+    return lo, len(pack(sizes, lo))
+
+
 def plan(
     splits: dict[str, list[Item]],
     out: Path,
