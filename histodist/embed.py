@@ -176,7 +176,10 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args, throughpu
     slides = bags.slide_index(records, src.get("slides") or {}, len(src["classes"]))
     blob = json.dumps(src, sort_keys=True).encode()
     # the tiler's settings (µm/px, tile size) go with the slide index: heatmaps need them
-    extra = {"slides": slides, "tiling": src.get("tiling")} if slides else {}
+    extra = {}
+    if slides:
+        extra = {"slides": slides, "rejected_slides": src.get("rejected_slides", []),
+                 "tiling": src.get("tiling")}  # fmt: skip
     if slides and src.get("source"):  # the slide folder, where explain finds a slide's file
         extra["source"] = src["source"]
     return {

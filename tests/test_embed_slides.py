@@ -30,8 +30,13 @@ RUN = ["--no-progress", "--workers", "1", "--batch-size", "16", "--precision", "
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory, pcam_jpeg):
     """(folder, labels CSV, CohortSlides, the tiny ViT's local-dir: model name)."""
+    from slidekit import make_slide
+
     d = tmp_path_factory.mktemp("cohort")
     labels, specs = cohort(d / "slides", pcam_jpeg, COUNTS)
+    make_slide(d / "slides" / "white.tif", pcam_jpeg, cols=4, rows=4, tissue={})  # no tissue
+    with open(labels, "a") as f:
+        f.write("white,normal,p-white,test\n")
     return d, labels, specs, f"local-dir:{save_hub_folder(d / 'vit', 'virchow2')}"
 
 
@@ -100,7 +105,9 @@ def test_slides_give_the_embeddings_of_their_tile_shards(slides, emb, tmp_path):
         assert {k: s[k] for k in ("num_samples", "class_counts", "num_groups")} == {
             k: mb["splits"][split][k] for k in ("num_samples", "class_counts", "num_groups")
         }
-    assert {s.name: s.split for s in specs} == {k: e["split"] for k, e in mb["slides"].items()}
+    splits = {s.name: s.split for s in specs}
+    assert {**splits, "white": None} == {k: e["split"] for k, e in mb["slides"].items()}
+    assert (mb["slides"]["white"]["tiles"], mb["slides"]["white"]["shards"]) == (0, [])
     assert mb["tiling"] == json.loads((tiles / "manifest.json").read_text())["tiling"]
     assert mb["embedding"]["weights_sha256"] == ma["embedding"]["weights_sha256"]
     t = mb["throughput"]

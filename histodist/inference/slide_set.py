@@ -169,8 +169,6 @@ def build_manifest(scan: Scan, splits: dict[str, list[Item]], units: list[SlideU
             by_split.setdefault(u.split, []).append(rec)
     tiler = sharding.manifest_slides(scan, splits, records)  # the tiler's slides, rejected
     index = bags.slide_index(by_split, tiler["slides"], len(scan.classes))
-    for sid, rec in tiler["slides"].items():  # slides without tissue: listed, no split
-        index.setdefault(sid, {**rec, "label_source": None})
     root = Path(src).resolve()
     return {
         "format": "histodist-shards/1",
