@@ -315,7 +315,8 @@ def _subprocess(args: list[str], command: tuple[str, ...] = ("-m", "histodist.em
 @pytest.mark.slow
 def test_two_processes_embed_every_tile_once(slides, emb, tmp_path):
     """A real 2-process `accelerate launch`: each rank embeds its share, rank 0 writes the
-    manifest; the shards are byte for byte those of one process, every tile once."""
+    manifest; then a 2-task Slurm array run one task after the other. The shards are byte for
+    byte those of one process, every tile once."""
     from trainkit import free_port
 
     out = tmp_path / "two"
@@ -333,6 +334,18 @@ def test_two_processes_embed_every_tile_once(slides, emb, tmp_path):
     assert _shards(out) == _shards(emb)
     keys = list(members(out))
     assert len(keys) == len(set(keys)) == sum(e["tiles"] for e in m["slides"].values())
+
+    # a Slurm array whose tasks run one after the other (the surveys cached by the launch)
+    for p in [out / "manifest.json", *out.glob("*.tar"), *out.glob(".shardinfo/*"),
+              *out.glob(".ranks/*")]:  # fmt: skip
+        p.unlink()
+    for task in ("1", "0"):  # task 1 first: it leaves the manifest to the last task
+        p = _subprocess(_embed_args(slides, out), SLURM_ARRAY_TASK_ID=task,
+                        SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="2")  # fmt: skip
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        assert (out / "manifest.json").is_file() == (task == "0"), stdout
+    assert _shards(out) == _shards(emb)
 
 
 @pytest.mark.slow

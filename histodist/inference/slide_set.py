@@ -61,7 +61,6 @@ class SlideFolder:
 def find_slides(src: str, wsi: WsiOptions, opts: Options) -> SlideFolder:
     """Scan, survey and split the slides under `src` (a folder or one slide) as the tiler
     does; raises UsageError (exit 2) for a slide without µm/px before anything is written."""
-    (Path(wsi.out) / "manifest.json").unlink(missing_ok=True)  # an interrupted run: incomplete
     return SlideFolder(src, wsi, *scan_slides(src, wsi, opts))
 
 
@@ -73,6 +72,7 @@ def embed_slides(folder: SlideFolder, out: Path, backbone: Backbone, *, device, 
     out/manifest.json), or None when another rank writes it."""
     rank, opts = rank or Rank(), opts or Options()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
     scan, splits = folder.scan, folder.splits
     units = plan(scan, splits, backbone.identity, folder.wsi)
     engine = Engine(backbone, torch.device(device), autocast)
