@@ -374,3 +374,31 @@ def test_kill_then_rerun_resumes_per_slide(slides, emb, tmp_path):
     assert m["throughput"]["reused"] > 0 and done < len(m["slides"])
     assert _shards(out) == _shards(emb)  # as an uninterrupted run, byte for byte
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_backbone_is_built_again_from_its_record(tmp_path):
+    """embed's record of a backbone with a --weights checkpoint folder builds the same weights
+    (sha256 checked) from anywhere; a weights file that is gone, or other weights, are refused."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from histodist.data.embeddings import EmbeddingError
+    from histodist.inference.backbone import Backbone, BuildArgs
+
+    torch.manual_seed(1)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=2)
+    (tmp_path / "ckpt").mkdir()
+    save_file(net.state_dict(), str(tmp_path / "ckpt" / "model.safetensors"))
+    args = BuildArgs("vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "ckpt"))
+    first = Backbone.build(args)
+    emb = {**first.identity, "build": first.build_args}
+    again = Backbone.rebuild(emb, "runs/x")
+    assert again.identity == first.identity
+    assert torch.equal(again.model.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
+    with pytest.raises(EmbeddingError, match="other weights"):
+        Backbone.rebuild({**emb, "build": {**emb["build"], "weights": None}}, "runs/x")
+    (tmp_path / "ckpt" / "model.safetensors").rename(tmp_path / "gone.safetensors")
+    (tmp_path / "ckpt").rmdir()
+    with pytest.raises(EmbeddingError, match="is gone"):
+        Backbone.rebuild(emb, "runs/x")

@@ -150,7 +150,7 @@ class Backbone:
         b = emb.get("build") or {"image_size": pre.get("input_size")}
         args = BuildArgs(model_name, b.get("pretrained"), b.get("family") or "auto",
                          b.get("weights"), int(b.get("seed") or 0), int(b.get("image_size") or 0))  # fmt: skip
-        if args.weights and not Path(args.weights).is_file():
+        if args.weights and not Path(args.weights).exists():  # a file or a checkpoint folder
             raise EmbeddingError(f"{where}: the backbone's weights file {args.weights} is gone; "
                                  "restore it to score slides with this run")  # fmt: skip
         try:
