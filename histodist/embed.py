@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-mode", choices=("center", "squash"), help="center: resize the shorter "
                    "side, keep the aspect; squash: both sides (default: the model's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: inline)")
+    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: "
+                   "inline); --slides: processes surveying the slides")  # fmt: skip
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
                    help="autocast of the forward pass")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model "
@@ -85,7 +86,7 @@ def _slide_flags(add) -> None:
     from histodist.shard import add_wsi_flags
 
     add_wsi_flags(add)
-    add("--magnification", metavar="M", help="wsi: tile at 10/M µm/px (20: 0.5), for --mpp")
+    add("--magnification", metavar="M", help="wsi: tile at 10/M µm/px (20: 0.5) instead of --mpp")
     add("--val-fraction", type=float, metavar="F", help="valid split share of slides without a "
         "split column (default 0.1)")  # fmt: skip
     add("--test-fraction", type=float, metavar="F", help="test split share (default 0.1)")

@@ -5,8 +5,9 @@
 Each slide is a pyramidal TIFF (tests/slidekit.py: 0.25 µm/px, levels 1 and 4) whose tissue is
 a block of 256 px cells, one real 96 px PCam patch each; a positive slide (label "tumor") holds
 a few class-1 patches among class-0 ones, a negative slide only class-0 patches. No patch is
-used twice, and slides of the train split take PCam's train patches, the others PCam's valid
-patches, so held-out slides show the head tissue it has never seen. `labels.csv` gives each
+used twice; slides of the test split take PCam's valid patches, the others PCam's train
+patches, so held-out slides show tissue neither the head nor a tile encoder trained on PCam's
+training patches has seen. `labels.csv` gives each
 slide's label, patient and split (histodist.shard / embed --labels).
 """
 
@@ -41,13 +42,14 @@ class CohortSlide:
 def tissue_patches(pcam_jpeg: Path, split: str, label: int, n: int) -> list[np.ndarray]:
     """The first `n` real PCam patches of a class of `split` whose pixels are at least 80%
     saturated as H&E is (HSV saturation > 0.15, the top of the tissue detector's threshold
-    range): a cell the tissue mask takes whole. uint8 (96, 96, 3)."""
+    range: a cell the tissue mask takes whole) and not nearly black (mean value >= 90 of 255:
+    PCam holds a few underexposed patches). uint8 (96, 96, 3)."""
     out = []
     for p in sorted((pcam_jpeg / split / str(label)).glob("*.jpg")):
         if len(out) == n:
             break
         px = np.asarray(Image.open(p).convert("RGB"))
-        if (saturation(px) > 0.15).mean() >= 0.8:
+        if (saturation(px) > 0.15).mean() >= 0.8 and px.mean() >= 90:
             out.append(px)
     return out
 
@@ -79,14 +81,14 @@ def cohort(folder: Path, pcam_jpeg: Path, counts: dict[str, int], *, seed: int =
     slides = plan(counts, seed=seed, positives=positives)
     pools = {}
     for source in ("train", "valid"):
-        mine = [s for s in slides if (s.split == "train") == (source == "train")]
+        mine = [s for s in slides if (s.split == "test") == (source == "valid")]
         for c in (0, 1):
             n = sum(1 for s in mine for v in s.cells.values() if v == c)
             pools[source, c] = tissue_patches(pcam_jpeg, source, c, n) if n else []
     used = dict.fromkeys(pools, 0)
     for s in slides:
         img = np.full((ROWS * CELL, COLS * CELL, 3), 255, np.uint8)
-        source = "train" if s.split == "train" else "valid"
+        source = "valid" if s.split == "test" else "train"
         for (col, row), c in sorted(s.cells.items()):
             patch = pools[source, c][used[source, c]]
             used[source, c] += 1
