@@ -93,6 +93,8 @@ def _slide_flags(add) -> None:
     add("--name", help="dataset name in the manifest (default: the slide folder's name)")
     add("--prefetch", type=int, default=4, metavar="N",
         help="batches of tiles read ahead (the next slide is read while one is embedded)")  # fmt: skip
+    add("--read-threads", type=int, default=2, metavar="N", help="threads reading a slide's "
+        "regions (2; a GPU that embeds faster than ~250 tiles/s per thread wants more)")  # fmt: skip
     add("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -284,7 +286,8 @@ def run_slides(args) -> int:
         raise UsageError(str(e)) from e
     wsi = wsi_options(args, rank)  # bad values: one line before anything is read
     opts = slide_set.Options(
-        batch_size=args.batch_size, prefetch=args.prefetch, val_fraction=args.val_fraction,
+        batch_size=args.batch_size, prefetch=args.prefetch, read_threads=args.read_threads,
+        val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed, magnification=args.magnification,
         name=args.name, command="python -m histodist.embed " + " ".join(sys.argv[1:]),
         progress=not args.no_progress,

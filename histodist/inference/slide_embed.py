@@ -73,6 +73,7 @@ class Options:
 
     batch_size: int = 64
     prefetch: int = 4  # batches read ahead
+    read_threads: int = 2  # threads reading a slide's regions (the tiler's READ_THREADS)
     val_fraction: float | None = None
     test_fraction: float | None = None
     seed: int = 0  # the split of slides without a split column (histodist.shard's --seed)

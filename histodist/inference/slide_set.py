@@ -61,7 +61,9 @@ class SlideFolder:
 def find_slides(src: str, wsi: WsiOptions, opts: Options) -> SlideFolder:
     """Scan, survey and split the slides under `src` (a folder or one slide) as the tiler
     does; raises UsageError (exit 2) for a slide without µm/px before anything is written."""
-    return SlideFolder(src, wsi, *scan_slides(src, wsi, opts))
+    scan, splits = scan_slides(src, wsi, opts)
+    scan.reader.threads = opts.read_threads  # the tiler's WsiReader
+    return SlideFolder(src, wsi, scan, splits)
 
 
 def embed_slides(folder: SlideFolder, out: Path, backbone: Backbone, *, device, autocast=None,
