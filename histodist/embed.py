@@ -1,7 +1,8 @@
-"""Embed a shard set once with a frozen backbone; heads then train on the vectors in seconds.
+"""Embed a shard set or a folder of slides once with a frozen backbone; heads then train on the vectors.
 
     python -m histodist.embed --model hf-hub:MahmoodLab/UNI --shards shards/pcam --out emb/pcam-uni
     accelerate launch -m histodist.embed --model virchow2 --shards S --out E   # several GPUs/nodes
+    python -m histodist.embed --model uni --slides slides/ --mpp 0.5 --tile-size 224 --out E
 
 Every input shard becomes one output shard of the same name holding the same samples (float16
 vectors, histodist.data.embeddings), so rank r embeds shards r::world (the evaluation loader's split:
@@ -11,6 +12,9 @@ shard's sha256, so a re-run skips every complete shard. The main process then wr
 manifest (model, weights sha256, hub revision, preprocessing, dimension, throughput).
 Tiles of whole slides keep their slide id and position, and the manifest lists where each
 slide's tiles are (`slides`, histodist.data.bags), so a MIL head reads a slide's bag directly.
+`--slides` embeds whole slides straight from their files, tissue and tiles as the tiler finds
+them, without writing image tiles (histodist.inference.slide_set: one shard per slide, ranks
+share the slides, a re-run resumes per slide).
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ from pathlib import Path
 
 import torch
 
-from histodist import hub
 from histodist.data import bags, embeddings
 from histodist.data import loader as data
-from histodist.errors import run_cli
+from histodist.errors import UsageError, run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
+from histodist.inference.backbone import (  # noqa: F401  (embed.preprocessing ...: callers')
+    build_record,
+    describe,
+    load_backbone,
+    preprocessing,
+    source_info,
+)
 from histodist.ingest.writer import INFO_DIR, finished_record
 from histodist.models import features
 from histodist.version import version_string
@@ -42,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histodist.embed", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="hf-hub:ORG/NAME, local-dir:PATH, a known "
                    "pathology model (uni, virchow2, ...) or a timm name")  # fmt: skip
-    p.add_argument("--shards", required=True, help="image shard folder or URL base")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="image shard folder or URL base")
+    src.add_argument("--slides", help="a folder of whole-slide images (searched recursively) or "
+                     "one slide file: tissue, tiles and vectors, no image tiles written")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder of the embedding shards")
-    p.add_argument("--split", nargs="+", help="splits to embed (default: all)")
+    p.add_argument("--split", nargs="+", help="splits to embed (default: all; --shards only)")
     p.add_argument("--family", default="auto", help="known model family (auto: by hub id or "
                    "recognised from a copy's config.json; none: config.json alone)")  # fmt: skip
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
@@ -59,70 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-mode", choices=("center", "squash"), help="center: resize the shorter "
                    "side, keep the aspect; squash: both sides (default: the model's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: inline)")
+    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: "
+                   "inline); --slides: processes surveying the slides")  # fmt: skip
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
                    help="autocast of the forward pass")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
+    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model "
+                   "(--slides: also of the split made, as histodist.shard's --seed)")  # fmt: skip
+    _slide_flags(p.add_argument_group("--slides (as histodist.shard --dataset wsi)").add_argument)
     return p
 
 
-def load_backbone(args) -> torch.nn.Module:
-    """The frozen feature extractor (num_classes=0), eval mode, on the CPU; same weights on
-    every rank (random init is seeded)."""
-    from histodist.config import ModelConfig
-    from histodist.models import build_model
+def _slide_flags(add) -> None:
+    from histodist.shard import add_wsi_flags
 
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig(model=args.model, pretrained=args.pretrained, family=args.family,
-                      weights=args.weights)  # fmt: skip
-    model = build_model(cfg, num_classes=0, image_size=args.image_size or None)
-    return model.eval().requires_grad_(False)
-
-
-def preprocessing(model: torch.nn.Module, args) -> dict:
-    """The model's own eval preprocessing, as timm resolves it from its pretrained config
-    (`resolve_data_config`: input size, interpolation, crop_pct, crop_mode, mean, std; KNOWN
-    families add their model card's), each overridden by its flag when given. Keys as timm's
-    data config, so `timm.data.create_transform(**p)` builds the same transform for PIL
-    images; histodist.augment.pretrained_transform runs it on the device."""
-    from timm.data import resolve_data_config
-
-    size = args.image_size or None
-    flags = {"input_size": (3, size, size) if size else None, "interpolation": args.interpolation,
-             "crop_pct": args.crop_pct, "crop_mode": args.crop_mode}  # fmt: skip
-    given = {k: v for k, v in flags.items() if v is not None}
-    cfg = {**resolve_data_config(given, model=model), **given}  # checked by pretrained_transform
-    return {"input_size": int(cfg["input_size"][-1]), "interpolation": cfg["interpolation"],
-            "crop_pct": float(cfg["crop_pct"]), "crop_mode": cfg["crop_mode"],
-            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}  # fmt: skip
+    add_wsi_flags(add)
+    add("--magnification", metavar="M", help="wsi: tile at 10/M µm/px (20: 0.5) instead of --mpp")
+    add("--val-fraction", type=float, metavar="F", help="valid split share of slides without a "
+        "split column (default 0.1)")  # fmt: skip
+    add("--test-fraction", type=float, metavar="F", help="test split share (default 0.1)")
+    add("--name", help="dataset name in the manifest (default: the slide folder's name)")
+    add("--prefetch", type=int, default=4, metavar="N",
+        help="batches of tiles read ahead (the next slide is read while one is embedded)")  # fmt: skip
+    add("--read-threads", type=int, default=2, metavar="N", help="threads reading a slide's "
+        "regions (2; a GPU that embeds faster than ~250 tiles/s per thread wants more)")  # fmt: skip
+    add("--no-progress", action="store_true", help="no progress bar")
 
 
-def source_info(name: str) -> dict:
-    """Where the weights came from: hub id and revision (the commit of the snapshot used: the
-    one `@REVISION` names, else main's), local folder, or a timm name."""
-    name = hub.resolve(name)
-    if name.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        repo, rev = hub.hub_id(name)
-        with hub.hub_errors(name):
-            path = Path(hf_hub_download(repo, "config.json", revision=rev))
-        pinned = {"requested_revision": rev} if rev else {}
-        return {"source": "hf-hub", "repo": repo, "revision": path.parent.name, **pinned}
-    if name.startswith("local-dir:"):
-        return {"source": "local-dir", "path": str(Path(name.split(":", 1)[1]).resolve())}
-    return {"source": "timm", "name": name}
-
-
-def describe(model: torch.nn.Module, args) -> dict:
-    """The identity of the embeddings: model name, source, weights sha256, preprocessing, dim."""
-    pre = preprocessing(model, args)
-    probe = torch.zeros(2, 3, pre["input_size"], pre["input_size"])
-    with torch.no_grad():
-        dim = int(features(model, probe, args.model).shape[1])  # one vector per image, or refused
-    return {"model": args.model, **source_info(args.model),
-            "family": hub.family_key(args.model, args.family) if hub.is_hub(args.model) else None,
-            "weights_sha256": hub.weights_sha256(model), "preprocessing": pre, "dim": dim}  # fmt: skip
+SLIDE_ONLY = ("mpp", "tile_size", "min_tissue", "assume_mpp", "labels", "annotations",
+              "label_coverage", "magnification", "val_fraction", "test_fraction", "name")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- one shard
@@ -202,7 +179,12 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args, throughpu
     slides = bags.slide_index(records, src.get("slides") or {}, len(src["classes"]))
     blob = json.dumps(src, sort_keys=True).encode()
     # the tiler's settings (µm/px, tile size) go with the slide index: heatmaps need them
-    extra = {"slides": slides, "tiling": src.get("tiling")} if slides else {}
+    extra = {}
+    if slides:
+        extra = {"slides": slides, "rejected_slides": src.get("rejected_slides", []),
+                 "tiling": src.get("tiling")}  # fmt: skip
+    if slides and src.get("source"):  # the slide folder, where explain finds a slide's file
+        extra["source"] = src["source"]
     return {
         "format": src["format"],
         "kind": embeddings.KIND,
@@ -214,6 +196,7 @@ def build_manifest(src: dict, splits: list[str], identity: dict, args, throughpu
         "image": None,
         "embedding": {
             **identity,
+            "build": build_record(args),  # how predict --slides builds this backbone again
             "dtype": "float16",
             "member": embeddings.MEMBER,
             "source_shards": args.shards,
@@ -245,6 +228,11 @@ def run(args) -> int:
 
     from histodist.augment import pretrained_transform
 
+    if args.slides:
+        return run_slides(args)
+    for flag in SLIDE_ONLY:
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} is for --slides (tile shards are tiled)")
     acc = Accelerator(mixed_precision=args.precision)
     manifest = data.load_manifest(args.shards)
     splits = args.split or list(manifest["splits"])
@@ -277,6 +265,46 @@ def run(args) -> int:
             print(f"embedded {speed['tiles']} tiles in {speed['seconds']:.1f} s on "
                   f"{speed['processes']} process(es): {speed['tiles_per_s']:.1f} tiles/s")  # fmt: skip
         print(f"{out}/manifest.json: {identity['dim']}-d float16 embeddings of {args.model}")
+    return 0
+
+
+def run_slides(args) -> int:
+    """`--slides`: the slides under args.slides -> an embedding set (slide_set.embed_slides)."""
+    from accelerate import Accelerator
+
+    from histodist.inference import slide_set
+    from histodist.inference.backbone import Backbone
+    from histodist.ingest.slides import ranks
+    from histodist.ingest.sources.wsi import wsi_options
+
+    if args.split:
+        raise UsageError("--split is for --shards; --slides embeds every slide, split as the "
+                         "labels say (or in one unlabelled split, test)")  # fmt: skip
+    try:
+        rank = ranks.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    wsi = wsi_options(args, rank)  # bad values: one line before anything is read
+    opts = slide_set.Options(
+        batch_size=args.batch_size, prefetch=args.prefetch, read_threads=args.read_threads,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, magnification=args.magnification,
+        name=args.name, command="python -m histodist.embed " + " ".join(sys.argv[1:]),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    folder = slide_set.find_slides(args.slides, wsi, opts)  # a slide without µm/px: exit 2 now
+    acc = Accelerator(mixed_precision=args.precision)
+    bb = Backbone.build(args)
+    amp = acc.autocast if args.precision != "no" else None
+    m = slide_set.embed_slides(folder, Path(args.out), bb, device=acc.device, autocast=amp,
+                               precision=args.precision, rank=rank, opts=opts)  # fmt: skip
+    if m is not None:
+        t, n = m["throughput"], sum(e["tiles"] for e in m["slides"].values())
+        if t["tiles_per_s"] is not None:
+            print(f"embedded {t['tiles']} tiles in {t['seconds']:.1f} s on {t['processes']} "
+                  f"process(es): {t['tiles_per_s']:.1f} tiles/s")  # fmt: skip
+        print(f"{args.out}/manifest.json: {len(m['slides'])} slides, {n} tiles, "
+              f"{bb.identity['dim']}-d float16 embeddings of {args.model}")  # fmt: skip
     return 0
 
 

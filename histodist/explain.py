@@ -5,6 +5,13 @@
 Each cell shows the image and its heatmap overlay (for the predicted class, or --target true),
 titled with the key, the true label and the predicted probability. Written to
 runs/NAME/explain-<split>-<top-losses|random>.png and logged to W&B when enabled.
+
+A MIL head explains a whole slide: its attention (or tile probabilities for mean / max
+pooling) over the slide's thumbnail, with the most-attended tiles beneath
+(histodist.inference.mil_slides):
+
+    python -m histodist.explain --run runs/MIL --slide slides/a.svs [--out a.png]
+    python -m histodist.explain --run runs/MIL --slide <slide id> [--shards EMB] [--src DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random")
     p.add_argument("--target", choices=("pred", "true"), default="pred",
                    help="class whose evidence the heatmap shows")  # fmt: skip
-    p.add_argument("--out", help="PNG path (default: RUN/explain-<split>-<mode>.png)")
+    p.add_argument("--out", help="PNG path (default: RUN/explain-<split>-<mode>.png, "
+                   "RUN/explain-<slide id>.png)")  # fmt: skip
+    s = p.add_argument_group("slides (MIL runs)")
+    s.add_argument("--slide", help="a slide file, or the id of a slide of the embedding set "
+                   "--shards (default: the run's)")  # fmt: skip
+    s.add_argument("--src", help="the folder of the set's slide files (default: the one the "
+                   "set records)")  # fmt: skip
+    s.add_argument("--emb", help="keep a slide file's embeddings in this folder (a re-run "
+                   "reuses them; default: a temporary folder)")  # fmt: skip
+    s.add_argument("--assume-mpp", type=float, metavar="UM",
+                   help="level-0 µm/px of a slide whose file has none")  # fmt: skip
+    s.add_argument("--top", type=int, default=8, help="most-attended tiles shown (8)")
     inference.add_batch_flags(p, 128, "images per batch")
     return p
 
@@ -113,13 +131,32 @@ def plot_grid(picked: dict, cams: torch.Tensor, classes: list[str], path: Path, 
     return out
 
 
+def explain_slide(run: inference.Run, args, device: str) -> int:
+    """--slide: the head's tile scores over one slide (histodist.inference.mil_slides)."""
+    from histodist.inference import mil_slides
+
+    amp, choice = inference.autocast_for(args.precision, device)
+    print(choice.describe(), file=sys.stderr)
+    inputs = mil_slides.SlideInputs(device, amp, choice.precision, args.batch_size,
+                                    max(1, args.workers), args.assume_mpp,
+                                    not args.no_progress)  # fmt: skip
+    with mil_slides.work_folder(args.emb) as work:
+        out = mil_slides.explain_slide(run, args.slide, work, inputs, shards=args.shards,
+                                       src=args.src, top=args.top,
+                                       out=Path(args.out) if args.out else None)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
 def run_explain(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = inference.load_run(args.run, args.checkpoint)
+    if args.slide:
+        return explain_slide(run, args, device)
     if run.is_bags:
         raise UsageError(
-            f"{args.run}: a MIL head ({run.cfg.model.model}) has no pixels for Grad-CAM; its "
-            "slide heatmaps are drawn over slide thumbnails (histodist.inference.heatmap)"
+            f"{args.run}: a MIL head ({run.cfg.model.model}) has no pixels for Grad-CAM; "
+            "draw its attention over a slide with --slide PATH (or a slide id of its set)"
         )
     mode, n = ("random", args.random) if args.random else ("top-losses", args.top_losses or 16)
     if args.input:

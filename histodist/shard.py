@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-column", default="images", help="csv: image path column (images)")
     add("--label-column", default="labels", help="csv: label column (labels)")
     add("--group-column", help="csv: optional patient / slide id column")
-    _wsi_flags(add)
+    add_wsi_flags(add)
     add("--download", action="store_true", help="pcam: fetch the official release first")
     add("--cache-dir", metavar="DIR", help="pcam: downloads and gunzipped .h5 files")
     add(
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _wsi_flags(add) -> None:
+def add_wsi_flags(add) -> None:
     add("--mpp", type=float, metavar="UM", help="wsi: tiles' µm per pixel (default 0.5)")
     add("--tile-size", type=int, metavar="PX", help="wsi: tile side in pixels (default 224)")
     add("--min-tissue", type=float, metavar="F",

@@ -102,7 +102,8 @@ def tile_label(counts: list[int]) -> int | None:
 def slide_index(records: dict[str, list[dict]], src: dict, num_classes: int) -> dict:
     """The manifest's `slides` from the shard records of each split (in shard order; each
     record's "slides": embeddings.ShardWriter.runs) and the tile manifest's `slides` (`src`,
-    whose fields are kept). Raises ShardError for a slide in two splits."""
+    whose fields are kept; its slides without tiles are listed with split None). Raises
+    ShardError for a slide in two splits."""
     out: dict[str, dict] = {}
     counts: dict[str, list[int]] = {}
     for split, recs in records.items():
@@ -128,6 +129,10 @@ def slide_index(records: dict[str, list[dict]], src: dict, num_classes: int) -> 
         found = "tiles" if e["label"] is not None else None
         e["label_source"] = "manifest" if given is not None else found
         e.setdefault("patient", None)
+    for sid, e in src.items():  # slides without tissue: listed as the tiler lists them
+        if sid not in out and not e.get("tiles"):
+            source = "manifest" if e.get("label") is not None else None
+            out[sid] = {**e, "split": None, "tiles": 0, "shards": [], "label_source": source}
     return out
 
 

@@ -141,12 +141,16 @@ def _number_tiles(ax, shape, coords, extents, best, level0_size) -> None:
     h, w = shape
     sx, sy = w / level0_size[0], h / level0_size[1]
     halo = [patheffects.withStroke(linewidth=2, foreground="black")]
+    # the overlay is about 5.3 inches wide (save_heatmap's layout): numbers about a third of a
+    # tile's side on the page, legible from 6 pt, never larger than 13 pt
+    points = 5.3 * 72 / max(w, h)
     for rank, i in enumerate(best, start=1):
         (x, y), e = coords[i], extents[i]
+        size = float(np.clip(e * sx * points / 3, 6, 13))
         ax.add_patch(Rectangle((x * sx - 0.5, y * sy - 0.5), e * sx, e * sy, fill=False,
                                edgecolor="white", linewidth=1.0))  # fmt: skip
         ax.text(x * sx + e * sx / 2 - 0.5, y * sy + e * sy / 2 - 0.5, str(rank), color="white",
-                fontsize=7, ha="center", va="center", fontweight="bold", path_effects=halo)  # fmt: skip
+                fontsize=size, ha="center", va="center", fontweight="bold", path_effects=halo)  # fmt: skip
 
 
 def _tile_row(fig, best, read_tile, scores, coords) -> None:

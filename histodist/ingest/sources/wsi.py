@@ -36,7 +36,7 @@ from histodist.errors import UsageError
 from histodist.ingest.slides import annotations as ann
 from histodist.ingest.slides.reader import SlideError, open_slide, slide_files
 from histodist.ingest.slides.survey import SlideJob, TilingOptions, load_tiles, survey
-from histodist.ingest.slides.tiling import Tile, geometry, read_tiles
+from histodist.ingest.slides.tiling import READ_AHEAD, READ_THREADS, Tile, geometry, read_tiles
 from histodist.ingest.sources import (
     Item,
     Payload,
@@ -334,8 +334,10 @@ class WsiReader(Reader):
     tile (key `<slide>_x<X>_y<Y>`, JSON fields of docs/wsi.md) with its uint8 array. A slide
     that fails while reading yields its error once and no more tiles."""
 
-    def __init__(self, root: str, out: str, tiling: TilingOptions, coverage: float | None):
+    def __init__(self, root: str, out: str, tiling: TilingOptions, coverage: float | None,
+                 threads: int = READ_THREADS):  # fmt: skip
         self.root, self.out, self.tiling, self.coverage = root, out, tiling, coverage
+        self.threads = threads  # reading a slide's regions (embed --slides: --read-threads)
         self.bytes_per_sample = tiling.tile_size**2 * 3 // 6  # JPEG q95 on H&E: about 6:1
 
     def read(self, items: Sequence[Item]) -> Iterator[tuple[Item, Payload | Exception]]:
@@ -353,7 +355,15 @@ class WsiReader(Reader):
                 tiles = [Tile(int(arrays["x"][i]), int(arrays["y"][i]), g.level, g.read_size,
                               g.extent, float(arrays["tissue"][i])) for i in range(start, stop)]  # fmt: skip
                 for i, px in zip(
-                    range(start, stop), read_tiles(slide, tiles, t.tile_size), strict=False
+                    range(start, stop),
+                    read_tiles(
+                        slide,
+                        tiles,
+                        t.tile_size,
+                        threads=self.threads,
+                        ahead=max(READ_AHEAD, 4 * self.threads),
+                    ),  # fmt: skip
+                    strict=False,
                 ):
                     yield self._tile_item(seg, arrays, i, tiles[i - start]), px
         except SlideError as e:
