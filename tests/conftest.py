@@ -65,3 +65,24 @@ def tiny_pcam_shards(tmp_path_factory, pcam_jpeg) -> Path:
     from trainkit import tiny_shards
 
     return tiny_shards(tmp_path_factory.mktemp("tiny-pcam") / "shards", pcam_jpeg)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Local copies (config.json + weights) of tiny models of every known family (hubkit)."""
+    from hubkit import FAMILIES, save_hub_folder
+
+    base = tmp_path_factory.mktemp("hub")
+    return {fam: save_hub_folder(base / fam, fam) for fam in FAMILIES}
+
+
+@pytest.fixture
+def cache(tmp_path, folders, monkeypatch) -> Path:
+    """An offline Hugging Face cache holding the tiny Virchow2 as paige-ai/Virchow2."""
+    import huggingface_hub.constants as c
+    from hubkit import hf_cache
+
+    root = tmp_path / "hf-cache"
+    hf_cache(root, "paige-ai/Virchow2", folders["virchow2"])
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
+    return root

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubkit import FAMILIES, hf_cache, save_hub_folder
+from hubkit import FAMILIES
 from safetensors.torch import load_file
 from trainkit import free_port, run, tiny_shards, train_cmd
 
@@ -22,23 +22,6 @@ from histodist.models import adapt, build_model, features
 from histodist.training.optim import param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("hub")
-    return {fam: save_hub_folder(base / fam, fam) for fam in FAMILIES}
-
-
-@pytest.fixture
-def cache(tmp_path, folders, monkeypatch) -> Path:
-    """An offline Hugging Face cache holding the tiny Virchow2 as paige-ai/Virchow2."""
-    import huggingface_hub.constants as c
-
-    root = tmp_path / "hf-cache"
-    hf_cache(root, "paige-ai/Virchow2", folders["virchow2"])
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
-    return root
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -37,23 +37,6 @@ PUBLISHED = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("hub")
-    return {f: save_hub_folder(base / f, f) for f in ("virchow", "virchow2", "uni")}
-
-
-@pytest.fixture
-def cache(tmp_path, folders, monkeypatch) -> Path:
-    """An offline Hugging Face cache holding the tiny Virchow2 as paige-ai/Virchow2."""
-    import huggingface_hub.constants as c
-
-    root = tmp_path / "hf-cache"
-    hf_cache(root, "paige-ai/Virchow2", folders["virchow2"])
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
-    return root
-
-
 def _copy_without(src: Path, dst: Path, arg: str) -> Path:
     """A copy of a hub folder whose config.json lacks model_args[arg] (same weights)."""
     dst.mkdir()
