@@ -135,11 +135,7 @@ def explain_slide(run: inference.Run, args, device: str) -> int:
     """--slide: the head's tile scores over one slide (histodist.inference.mil_slides)."""
     from histodist.inference import mil_slides
 
-    amp, choice = inference.autocast_for(args.precision, device)
-    print(choice.describe(), file=sys.stderr)
-    inputs = mil_slides.SlideInputs(device, amp, choice.precision, args.batch_size,
-                                    max(1, args.workers), args.assume_mpp,
-                                    not args.no_progress)  # fmt: skip
+    inputs = mil_slides.SlideInputs.from_args(args, device)
     with mil_slides.work_folder(args.emb) as work:
         out = mil_slides.explain_slide(run, args.slide, work, inputs, shards=args.shards,
                                        src=args.src, top=args.top,

@@ -62,11 +62,7 @@ def run_slides(run: inference.Run, args, device: str) -> int:
     """--slides: one row per slide of a folder, through the run's backbone and head."""
     from histodist.inference import mil_slides
 
-    amp, choice = inference.autocast_for(args.precision, device)
-    print(choice.describe(), file=sys.stderr)
-    inputs = mil_slides.SlideInputs(device, amp, choice.precision, args.batch_size,
-                                    max(1, args.workers), args.assume_mpp,
-                                    not args.no_progress)  # fmt: skip
+    inputs = mil_slides.SlideInputs.from_args(args, device)
     with mil_slides.work_folder(args.emb) as work:
         rows = mil_slides.predict_slides(run, args.slides, work, inputs)
     mil_slides.write_slide_csv(args.out, rows, run.classes)

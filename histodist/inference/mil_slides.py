@@ -16,6 +16,7 @@ the slide's thumbnail, the most-attended tiles read again from the slide at the 
 from __future__ import annotations
 
 import csv
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,16 @@ class SlideInputs:
     workers: int = 1
     assume_mpp: float | None = None
     progress: bool = True
+
+    @classmethod
+    def from_args(cls, args, device: str) -> SlideInputs:
+        """From predict's / explain's flags (--precision resolved for `device` and printed)."""
+        from histodist.inference.core import autocast_for
+
+        amp, choice = autocast_for(args.precision, device)
+        print(choice.describe(), file=sys.stderr)
+        return cls(device, amp, choice.precision, args.batch_size, max(1, args.workers),
+                   args.assume_mpp, not args.no_progress)  # fmt: skip
 
 
 @contextmanager
