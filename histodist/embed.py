@@ -32,7 +32,7 @@ import torch
 
 from histodist.data import bags, embeddings
 from histodist.data import loader as data
-from histodist.errors import UsageError, run_cli
+from histodist.errors import UsageError, fraction, integer, positive, run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
 from histodist.inference.backbone import (  # noqa: F401  (embed.preprocessing ...: callers')
     build_record,
@@ -64,15 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load pretrained weights (default: yes for hub models, no for timm "
                    "names, which then embed with random weights seeded by --seed)")  # fmt: skip
     p.add_argument("--weights", help="local weights file loaded into the backbone")
-    p.add_argument("--image-size", type=int, default=0, help="input size (0: the model's)")
+    p.add_argument("--image-size", type=integer(0), default=0, help="input size (0: the model's)")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic"),
                    help="resize filter (default: the model's pretrained config)")  # fmt: skip
-    p.add_argument("--crop-pct", type=float, help="resize to input size / this, then centre "
+    p.add_argument("--crop-pct", type=positive, help="resize to input size / this, then centre "
                    "crop the input size (default: the model's pretrained config)")  # fmt: skip
     p.add_argument("--crop-mode", choices=("center", "squash"), help="center: resize the shorter "
                    "side, keep the aspect; squash: both sides (default: the model's)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="decode workers per shard (0: "
+    p.add_argument("--batch-size", type=integer(1), default=64, help="images per forward pass")
+    p.add_argument("--workers", type=integer(0), default=1, help="decode workers per shard (0: "
                    "inline); --slides: processes surveying the slides")  # fmt: skip
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
                    help="autocast of the forward pass")  # fmt: skip
@@ -87,13 +87,13 @@ def _slide_flags(add) -> None:
 
     add_wsi_flags(add)
     add("--magnification", metavar="M", help="wsi: tile at 10/M µm/px (20: 0.5) instead of --mpp")
-    add("--val-fraction", type=float, metavar="F", help="valid split share of slides without a "
+    add("--val-fraction", type=fraction, metavar="F", help="valid split share of slides without a "
         "split column (default 0.1)")  # fmt: skip
-    add("--test-fraction", type=float, metavar="F", help="test split share (default 0.1)")
+    add("--test-fraction", type=fraction, metavar="F", help="test split share (default 0.1)")
     add("--name", help="dataset name in the manifest (default: the slide folder's name)")
-    add("--prefetch", type=int, default=4, metavar="N",
+    add("--prefetch", type=integer(1), default=4, metavar="N",
         help="batches of tiles read ahead (the next slide is read while one is embedded)")  # fmt: skip
-    add("--read-threads", type=int, default=2, metavar="N", help="threads reading a slide's "
+    add("--read-threads", type=integer(1), default=2, metavar="N", help="threads reading a slide's "
         "regions (2; a GPU that embeds faster than ~250 tiles/s per thread wants more)")  # fmt: skip
     add("--no-progress", action="store_true", help="no progress bar")
 

@@ -17,7 +17,9 @@ Exit codes (docs/architecture.md):
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import sys
 from collections.abc import Callable
 
@@ -57,6 +59,49 @@ def run_cli(
             raise
         what = e.strerror or "no space left on device"
         return _say(prog, f"{e.filename or 'a file'}: {what}; {disk_full}", EXIT_FAILURE)
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: a whole number in [minimum, maximum], else argparse's one-line
+    error (exit 2)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"{value}: must be {bound}")
+        return value
+
+    return whole
+
+
+def positive(text: str) -> float:
+    """An argparse `type`: a finite number > 0, else argparse's one-line error (exit 2)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse `type`: a number in [0, 1], else argparse's one-line error (exit 2)."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be in [0, 1]")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
 
 
 def _say(prog: str, message: str, code: int) -> int:

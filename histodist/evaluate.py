@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from histodist.errors import run_cli
+from histodist.errors import integer, run_cli
 from histodist.inference import core as inference
 from histodist.inference import report
 from histodist.training.distributed import set_cpu_threads
@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta", type=int, default=1, choices=tuple(inference.TTA_KS), help="dihedral TTA views"
     )
     inference.add_batch_flags(p, None, "per process (default: the run's)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CI")
+    p.add_argument(
+        "--bootstrap", type=integer(0), default=1000, help="bootstrap resamples for AUC CI"
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--knn", type=int, default=0, metavar="K",
+    p.add_argument("--knn", type=integer(0), default=0, metavar="K",
                    help="runs on embedding shards: also a K-nearest-neighbour probe with the "
                    "run's training split as reference (0 = off)")  # fmt: skip
     p.add_argument("--out", help="output folder (default: RUN/eval-<split>)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from histodist.errors import UsageError, run_cli
+from histodist.errors import UsageError, integer, positive, run_cli
 from histodist.inference import core as inference
 from histodist.inference import report
 from histodist.inference.gradcam import gradcam
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="shard split (default: the run's valid split)")
     p.add_argument("--input", nargs="+", help="image folders / CSVs / files instead of shards")
     pick = p.add_mutually_exclusive_group()
-    pick.add_argument("--top-losses", type=int, metavar="N", help="the N largest losses (16)")
-    pick.add_argument("--random", type=int, metavar="N", help="N random images (seeded)")
+    pick.add_argument(
+        "--top-losses", type=integer(1), metavar="N", help="the N largest losses (16)"
+    )
+    pick.add_argument("--random", type=integer(1), metavar="N", help="N random images (seeded)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random")
     p.add_argument("--target", choices=("pred", "true"), default="pred",
                    help="class whose evidence the heatmap shows")  # fmt: skip
@@ -51,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "set records)")  # fmt: skip
     s.add_argument("--emb", help="keep a slide file's embeddings in this folder (a re-run "
                    "reuses them; default: a temporary folder)")  # fmt: skip
-    s.add_argument("--assume-mpp", type=float, metavar="UM",
+    s.add_argument("--assume-mpp", type=positive, metavar="UM",
                    help="level-0 µm/px of a slide whose file has none")  # fmt: skip
-    s.add_argument("--top", type=int, default=8, help="most-attended tiles shown (8)")
+    s.add_argument("--top", type=integer(1), default=8, help="most-attended tiles shown (8)")
     inference.add_batch_flags(p, 128, "images per batch")
     return p
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from histodist.errors import HistodistError, UsageError, run_cli
+from histodist.errors import HistodistError, UsageError, integer, run_cli
 from histodist.fileio import atomic_path
 from histodist.inference import core as inference
 
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_run_flags(p)
     p.add_argument("--format", required=True, choices=tuple(SUFFIX), help="export format")
     p.add_argument("--out", help="output folder (default: RUN/export)")
-    p.add_argument("--batch", type=int, default=8, help="images in the parity batch")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--batch", type=integer(1), default=8, help="images in the parity batch")
+    p.add_argument("--opset", type=integer(7), default=18, help="ONNX opset")
     return p
 
 

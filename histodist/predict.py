@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from histodist.errors import UsageError, run_cli
+from histodist.errors import UsageError, positive, run_cli
 from histodist.inference import core as inference
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--slides", help="a MIL run: a folder of whole-slide images (or one slide)")
     p.add_argument("--emb", help="--slides: keep the slides' embeddings in this folder (a "
                    "re-run reuses them; default: a temporary folder)")  # fmt: skip
-    p.add_argument("--assume-mpp", type=float, metavar="UM",
+    p.add_argument("--assume-mpp", type=positive, metavar="UM",
                    help="--slides: level-0 µm/px of slides whose file has none")  # fmt: skip
     p.add_argument("--split", default="test", help="split to predict when --input is shards")
     p.add_argument("--images", help="folder of the images a CSV names by id")

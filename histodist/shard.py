@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histodist.data.remote import ShardError  # a shard or manifest problem; the message names it
-from histodist.errors import UsageError, run_cli
+from histodist.errors import UsageError, fraction, integer, positive, run_cli
 from histodist.fileio import atomic_write, file_digest
 from histodist.ingest import imageio, outdir, sources
 from histodist.ingest.slides import claim, ranks, sharding
@@ -66,20 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into an --out that holds files histodist.shard did not write: they are "
         "kept, except files named like the shards, manifest.json or _info.json it writes",
     )
-    add("--val-fraction", type=float, metavar="F", help="made valid split share (default 0.1)")
-    add("--test-fraction", type=float, metavar="F", help="made test split share (default 0.1)")
+    add("--val-fraction", type=fraction, metavar="F", help="made valid split share (default 0.1)")
+    add("--test-fraction", type=fraction, metavar="F", help="made test split share (default 0.1)")
     add("--seed", type=int, default=0, help="seed of the made split and sample order (0)")
-    add("--samples-per-shard", type=int, metavar="N", help="default ~256 MB, >= 8 shards/split")
+    add(
+        "--samples-per-shard",
+        type=integer(1),
+        metavar="N",
+        help="default ~256 MB, >= 8 shards/split",
+    )
     add(
         "--encoding",
         choices=imageio.ENCODINGS,
         default="auto",
         help="auto: keep encoded images' bytes, lossless PNG for HDF5 pixel arrays",
     )
-    add("--jpeg-quality", type=int, default=95, metavar="Q", help="for --encoding jpeg (95)")
+    add(
+        "--jpeg-quality",
+        type=integer(1, 100),
+        default=95,
+        metavar="Q",
+        help="for --encoding jpeg (95)",
+    )
     add(
         "--workers",
-        type=int,
+        type=integer(1),
         default=max(1, min(8, os.cpu_count() or 1)),
         metavar="N",
         help="processes writing shards (default: CPU count, at most 8)",
@@ -102,15 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_wsi_flags(add) -> None:
-    add("--mpp", type=float, metavar="UM", help="wsi: tiles' µm per pixel (default 0.5)")
-    add("--tile-size", type=int, metavar="PX", help="wsi: tile side in pixels (default 224)")
-    add("--min-tissue", type=float, metavar="F",
+    add("--mpp", type=positive, metavar="UM", help="wsi: tiles' µm per pixel (default 0.5)")
+    add("--tile-size", type=integer(8), metavar="PX", help="wsi: tile side in pixels (default 224)")
+    add("--min-tissue", type=fraction, metavar="F",
         help="wsi: keep tiles with at least this tissue fraction (default 0.5)")  # fmt: skip
-    add("--assume-mpp", type=float, metavar="UM",
+    add("--assume-mpp", type=positive, metavar="UM",
         help="wsi: level-0 µm/px of slides whose file has none (else they stop the run)")  # fmt: skip
     add("--labels", metavar="CSV", help="wsi: slide,label[,patient][,split] per slide")
     add("--annotations", metavar="DIR", help="wsi: <slide>.geojson|.xml tumour regions")
-    add("--label-coverage", type=float, metavar="F",
+    add("--label-coverage", type=positive, metavar="F",
         help="wsi: a tile is tumour from this annotated fraction of its area (default 0.5)")  # fmt: skip
 
 

@@ -93,3 +93,38 @@ def test_a_label_outside_the_classes_is_one_line_in_train_and_evaluate(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("histodist.evaluate: error: ") and "valid-000000.tar" in err, err
     assert f"sample {bad['valid']}: .cls 7" in err
+
+
+BAD_VALUES = [  # (command, its required flags, a bad flag and value)
+    ("evaluate", ["--run", "r"], ["--batch-size", "0"]),
+    ("evaluate", ["--run", "r"], ["--workers", "-1"]),
+    ("evaluate", ["--run", "r"], ["--bootstrap", "-5"]),
+    ("evaluate", ["--run", "r"], ["--knn", "two"]),
+    ("predict", ["--run", "r", "--out", "p.csv"], ["--batch-size", "-3"]),
+    ("predict", ["--run", "r", "--out", "p.csv"], ["--assume-mpp", "nan"]),
+    ("explain", ["--run", "r"], ["--top-losses", "0"]),
+    ("explain", ["--run", "r"], ["--top", "0"]),
+    ("explain", ["--run", "r"], ["--assume-mpp", "-0.5"]),
+    ("export", ["--run", "r", "--format", "onnx"], ["--batch", "0"]),
+    ("embed", ["--model", "m", "--shards", "s", "--out", "o"], ["--batch-size", "0"]),
+    ("embed", ["--model", "m", "--shards", "s", "--out", "o"], ["--crop-pct", "inf"]),
+    ("embed", ["--model", "m", "--slides", "s", "--out", "o"], ["--read-threads", "0"]),
+    ("embed", ["--model", "m", "--slides", "s", "--out", "o"], ["--min-tissue", "1.5"]),
+    ("shard", ["--dataset", "folder", "--src", "s", "--out", "o"], ["--workers", "-2"]),
+    ("shard", ["--dataset", "folder", "--src", "s", "--out", "o"], ["--jpeg-quality", "500"]),
+    ("shard", ["--dataset", "folder", "--src", "s", "--out", "o"], ["--val-fraction", "nan"]),
+    ("shard", ["--dataset", "wsi", "--src", "s", "--out", "o"], ["--mpp", "0"]),
+    ("shard", ["--dataset", "wsi", "--src", "s", "--out", "o"], ["--tile-size", "4"]),
+]
+
+
+@pytest.mark.parametrize(("command", "required", "bad"), BAD_VALUES, ids=lambda v: str(v))
+def test_a_value_out_of_range_is_one_usage_line_before_any_work(command, required, bad, capsys):
+    """Every command's numeric options are checked as they are parsed: argparse's one line
+    naming the flag, exit 2, before any file is read (`--mpp 0` used to tile at 0.5 µm/px)."""
+    main = importlib.import_module(f"histodist.{command}").main
+    with pytest.raises(SystemExit) as stop:
+        main([*required, *bad])
+    assert stop.value.code == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {bad[0]}: " in err and bad[1] in err, err

@@ -30,7 +30,11 @@ FAST = ["--mpp", "1.0", "--tile-size", "64", "--workers", "1"]
 
 
 def run(*args) -> int:
-    return shard.main([str(a) for a in args])
+    """histodist.shard's exit code (argparse's own errors raise SystemExit)."""
+    try:
+        return shard.main([str(a) for a in args])
+    except SystemExit as stop:
+        return stop.code
 
 
 def _need(path: Path) -> Path:
@@ -234,10 +238,14 @@ def test_bad_annotations_and_flags_are_one_line_errors(tmp_path, pcam_jpeg, caps
     assert "other.geojson: annotations for a slide not in --src" in err[0]
     assert len(err) == 2 and "a.geojson: feature 0" in err[1] and "3 distinct points" in err[1]
     assert not (tmp_path / "o").exists()
-    for bad in (["--magnification", "20", "--mpp", "0.5"], ["--min-tissue", "2"],
-                ["--label-coverage", "0.5"], ["--magnification", "twenty"]):  # fmt: skip
+    for bad in (["--magnification", "20", "--mpp", "0.5"], ["--label-coverage", "0.5"],
+                ["--magnification", "twenty"]):  # fmt: skip
         assert run("--dataset", "wsi", "--src", src, "--out", tmp_path / "o", *bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert run("--dataset", "wsi", "--src", src, "--out", tmp_path / "o", "--min-tissue", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()  # argparse: its usage, then the line
+    assert err[-1].endswith("error: argument --min-tissue: 2: must be in [0, 1]"), err
+    assert not (tmp_path / "o").exists()
     assert run("--dataset", "folder", "--src", src, "--out", tmp_path / "o", "--mpp", "0.5") == 2
     assert "--mpp is only for --dataset wsi" in capsys.readouterr().err
     assert run(*base[:-6], "--magnification", "10x", "--tile-size", "64") == 0  # 1.0 µm/px

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from histodist.config import WANDB_MODES
-from histodist.errors import HistodistError, UsageError
+from histodist.errors import HistodistError, UsageError, integer
 from histodist.fileio import IMAGE_EXTENSIONS, atomic_path
 from histodist.metrics import predicted_class
 
@@ -52,8 +52,8 @@ def add_batch_flags(parser, batch_size: int | None, batch_help: str) -> None:
     """The options every command that runs the model over images shares: --precision,
     --batch-size, --workers, --no-progress."""
     add_precision_flag(parser)
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
-    parser.add_argument("--workers", type=int, default=2, help="decode worker processes")
+    parser.add_argument("--batch-size", type=integer(1), default=batch_size, help=batch_help)
+    parser.add_argument("--workers", type=integer(0), default=2, help="decode worker processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -92,7 +92,9 @@ def wsi_options(args, rank) -> WsiOptions:
     """The wsi options from histodist.shard's flags (raises UsageError for bad values)."""
     if args.mpp is not None and args.magnification is not None:
         raise UsageError("--mpp and --magnification: give one (--magnification M is 10/M µm/px)")
-    mpp = 10.0 / _magnification(args.magnification) if args.magnification else args.mpp or 0.5
+    mpp = 0.5 if args.mpp is None else args.mpp
+    if args.magnification:
+        mpp = 10.0 / _magnification(args.magnification)
     tile = 224 if args.tile_size is None else args.tile_size
     min_tissue = 0.5 if args.min_tissue is None else args.min_tissue
     coverage = 0.5 if args.label_coverage is None else args.label_coverage
