@@ -28,13 +28,14 @@ def setup(cfg: Config, run_dir: Path | None = None) -> loop.Parts:
     from histodist.models import check_model_name
     from histodist.training import build
     from histodist.training.distributed import set_determinism
+    from histodist.training.tracking import offline_line
 
     set_determinism(cfg.train.deterministic)
     check_model_name(cfg.model.model)
     manifest = load_manifest(cfg.data.shards)
     cfg = build.complete_config(cfg, manifest)
     cfg, choice = build.resolve_precision(cfg)
-    acc, mode, msg = build.make_accelerator(cfg)
+    acc, mode, why = build.make_accelerator(cfg)
     lock = None
     if run_dir is None:
         run_dir, lock = build.prepare_run_dir(acc, cfg, manifest, note=choice.describe())
@@ -44,10 +45,12 @@ def setup(cfg: Config, run_dir: Path | None = None) -> loop.Parts:
         build.release(lock)
         raise
     p.lock, p.config_note = lock, choice.describe()
-    if msg:
-        p.log.print(msg)
-    p.log.print(choice.describe())
     run = p.log.wandb_run()
+    if run is not None and mode == "offline":
+        p.log.print(offline_line(run, why))
+    elif why:
+        p.log.print(why)
+    p.log.print(choice.describe())
     if run is not None:
         run.config.update({"precision_reason": choice.reason}, allow_val_change=True)
     return p

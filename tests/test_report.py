@@ -122,13 +122,18 @@ def test_plots_write_pngs(tmp_path):
     assert "accuracy" in report.format_table(m)
 
 
-def test_log_wandb_offline_writes_a_run(tmp_path, monkeypatch):
+def test_log_wandb_offline_writes_a_run(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     png = report.plot_reliability(_two([0.2, 0.8]), np.array([0, 1]), tmp_path / "r.png")
     report.log_wandb("offline", project="histodist-test", entity=None, name="eval",
                      job_type="eval", metrics={"patch": {"auc": 0.9, "confusion": [[1]]}},
                      images={"reliability": png})  # fmt: skip
     run = read_run(wandb_file(tmp_path))
+    out = capfd.readouterr()  # wandb's banner and footer silenced: one line, the upload command
+    said = (out.out + out.err).strip().splitlines()
+    assert said == [f"wandb: offline, run saved in {wandb_file(tmp_path).parent}; to upload it: "
+                    f"`wandb login`, then `wandb sync {wandb_file(tmp_path).parent}` "
+                    "(--wandb disabled turns W&B off)"]  # fmt: skip
     assert run.name == "eval" and run.summary["patch/auc"] == 0.9
     assert run.summary["reliability._type"] == "image-file"
     assert report.flatten({"patch": {"auc": 0.9, "at": {"t": 1}}, "x": [1]}) == {

@@ -70,6 +70,12 @@ def test_run_writes_checkpoints_metrics_and_wandb(run_a):
     assert wrun.summary["best/auc"] == pytest.approx(max(x["val/auc"] for x in val))
     assert wrun.summary["stop_reason"] == "done" and wrun.exit_code == 0
     assert "epoch 2/2" in res.stderr + res.stdout
+    # wandb's own banner, history table and footer (about 40 lines) are silenced; one line
+    # says where the offline run is and how to upload it.
+    said = [x for x in (res.stderr + res.stdout).splitlines() if "wandb" in x.lower()]
+    offline_dir = wandb_file(wb).parent
+    assert len(said) == 1 and said[0].startswith("wandb: offline, run saved in "), said
+    assert said[0].endswith(f"`wandb sync {offline_dir}` (--wandb disabled turns W&B off)")
     model, cfg, meta = load_run_model(run_dir)
     assert cfg.model.model == "small-cnn" and meta["classes"] == ["0", "1"]
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)

@@ -361,18 +361,19 @@ def log_wandb(
     """Log a flat view of ``metrics`` and PNGs to a new W&B run (main process only; wandb is
     imported here so it is never needed when disabled). Files go under WANDB_DIR when set,
     else beside the training run's in ``run_dir``."""
-    from histodist.training.tracking import resolve_wandb_mode
+    from histodist.training.tracking import offline_line, quiet_settings, resolve_wandb_mode
 
-    mode, note = resolve_wandb_mode(mode)
-    if note:
-        print(note)
+    mode, why = resolve_wandb_mode(mode)
     if mode == "disabled":
         return
     import wandb
 
     where = None if os.environ.get("WANDB_DIR") or run_dir is None else str(run_dir)
     run = wandb.init(project=project, entity=entity, name=name, job_type=job_type, mode=mode,
-                     config=config, dir=where, reinit="finish_previous")  # fmt: skip
+                     config=config, dir=where, reinit="finish_previous",
+                     settings=quiet_settings(mode))  # fmt: skip
+    if mode == "offline":
+        print(offline_line(run, why))
     run.log({**flatten(metrics), **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}})
     run.finish()
 

@@ -63,7 +63,7 @@ def process_device() -> torch.device:
 def make_accelerator(cfg: Config):
     """The only Accelerator: precision (already resolved, see resolve_precision), W&B (main
     process only), DDP options. Returns (accelerator, W&B mode "online" | "offline" |
-    "disabled", message or None)."""
+    "disabled", why offline or why off (a line to print), or None)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     mode, msg = resolve_wandb_mode(cfg.log.wandb)

@@ -27,8 +27,8 @@ def wandb_api_key_configured() -> bool:
 
 
 def resolve_wandb_mode(requested: str) -> tuple[str, str | None]:
-    """(mode, message). `auto` honours WANDB_MODE, else online with an API key, else offline
-    (with a one-line message saying how to sync or go online)."""
+    """(mode, why). `auto` honours WANDB_MODE, else online with an API key, else offline, why
+    being "no API key configured" (for offline_line)."""
     if requested != "auto":
         return requested, None
     env = os.environ.get("WANDB_MODE")
@@ -38,10 +38,27 @@ def resolve_wandb_mode(requested: str) -> tuple[str, str | None]:
         return "offline", None
     if wandb_api_key_configured():
         return "online", None
-    return "offline", (
-        "wandb: no API key configured, logging offline (`wandb login` then "
-        "`wandb sync <run>/wandb/offline-run-*` to upload; --wandb disabled to turn off)"
+    return "offline", "no API key configured"
+
+
+def offline_line(run, why: str | None = None) -> str:
+    """The one line an offline W&B run prints (wandb's own banner and footer, a dozen lines
+    and a history table, are silenced by quiet_settings): why it is offline, where its files
+    are and the command that uploads them."""
+    where = Path(run.settings.sync_dir)
+    if where.is_relative_to(Path.cwd()):
+        where = where.relative_to(Path.cwd())
+    because = f" ({why})" if why else ""
+    return (
+        f"wandb: offline{because}, run saved in {where}; to upload it: `wandb login`, then "
+        f"`wandb sync {where}` (--wandb disabled turns W&B off)"
     )
+
+
+def quiet_settings(mode: str) -> dict:
+    """wandb.init's settings: an offline run silent (offline_line says what matters), an
+    online one as wandb prints it (its run and project links)."""
+    return {"silent": True} if mode == "offline" else {}
 
 
 def wandb_available() -> bool:
@@ -143,7 +160,7 @@ def wandb_init_kwargs(run_dir: Path, run_name: str, mode: str, entity: str | Non
 
         run_id = swept or secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-    kw: dict[str, Any] = {"name": run_name, "mode": mode}
+    kw: dict[str, Any] = {"name": run_name, "mode": mode, "settings": quiet_settings(mode)}
     if not swept:
         kw.update(id=run_id, resume="allow")
     if entity and not swept:
