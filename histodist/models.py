@@ -280,6 +280,11 @@ def features(model: nn.Module, x: torch.Tensor, name: str = "the model") -> torc
         out = model.forward_head(model.forward_features(x), pre_logits=True)
     else:
         out = model(x)
+    if out.ndim == 2 and out.shape[0] == x.shape[0] and out.shape[1] == 0:
+        raise FeatureError(
+            f"{name}: its pooled features are 0 wide ({tuple(out.shape)}): nothing to embed; "
+            "check its config (num_features, embed_dim) or the --family it was built as"
+        )
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
         raise FeatureError(
             f"{name}: its pooled features have shape {tuple(out.shape)} for {x.shape[0]} "

@@ -184,6 +184,9 @@ def test_a_model_that_does_not_pool_is_refused(tmp_path, tiny_pcam_shards, capsy
                                global_pool="", num_classes=0)  # fmt: skip
     with pytest.raises(FeatureError, match=r"\(2, 17, 192\)"):
         features(tokens, torch.rand(2, 3, 32, 32), "vit_tiny")
+    # ... and refuses 0-wide vectors (embed would record dimension 0 and write empty rows).
+    with pytest.raises(FeatureError, match=r"0 wide \(\(2, 0\)\)"):
+        features(torch.nn.Identity(), torch.rand(2, 0), "empty")
 
 
 # ----------------------------------------------------------------------------- preprocessing
