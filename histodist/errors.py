@@ -104,6 +104,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def command() -> str:
+    """The running command's name, `histodist.<cmd>` for `python -m histodist.<cmd>` (also
+    under accelerate launch, torchrun or srun), else `histodist`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name if name.startswith("histodist.") else "histodist"
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, `histodist.<cmd>: warning: ...`, named after the running
+    command: code shared by several commands (the slide tiler runs in shard and embed) says
+    which one is speaking."""
+    sys.stderr.write(f"{command()}: warning: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+
+
 def _say(prog: str, message: str, code: int) -> int:
     # One write per line (print writes the newline apart): ranks that share a log and fail
     # together must not interleave their lines.

@@ -405,3 +405,18 @@ def test_a_backbone_is_built_again_from_its_record(tmp_path):
     (tmp_path / "ckpt").rmdir()
     with pytest.raises(EmbeddingError, match="is gone"):
         Backbone.rebuild(emb, "runs/x")
+
+
+def test_the_tilers_warnings_name_the_command_that_runs_it(slides, tmp_path):
+    """embed --slides runs the shard command's tiler: its warnings say histodist.embed."""
+    import subprocess
+    import sys
+
+    d, _, _, model = slides
+    argv = [sys.executable, "-m", "histodist.embed", "--model", model, "--slides",
+            str(d / "slides" / "white.tif"), "--out", str(tmp_path / "o"), *FAST]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("histodist")]  # no progress bars
+    assert lines[0] == "histodist.embed: warning: white.tif: no tissue found, no tiles", lines
+    assert lines[-1].startswith("histodist.embed: error: ") and "no tiles" in lines[-1], lines

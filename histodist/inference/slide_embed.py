@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from histodist.data import embeddings
+from histodist.errors import warn
 from histodist.fileio import atomic_path, atomic_write, file_digest
 from histodist.inference.backbone import Backbone
 from histodist.inference.tile_stream import SlideFailed, TileBatch, TileStream
@@ -243,8 +243,7 @@ def embed_slide(unit: SlideUnit, events: Iterable, engine: Engine, out: Path, nu
             stats.write_s += time.perf_counter() - t0
     except _Failed as e:
         rec.update(num_samples=0, failed=str(e), dropped=[{"unit": unit.slide, "reason": str(e)}])
-        print(f"histodist.embed: warning: slide {unit.item.source} left out: {e}",
-              file=sys.stderr)  # fmt: skip
+        warn(f"slide {unit.item.source} left out: {e}")
     else:
         stats.tiles += writer.count
         rec.update(slides=writer.runs,

@@ -27,10 +27,10 @@ import hashlib
 import json
 import os
 import socket
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from histodist.errors import warn
 from histodist.ingest.writer import INFO_DIR, ShardTask
 
 LOCK_NAME = "manifest.lock"
@@ -99,9 +99,10 @@ def _lock(fh, path: Path) -> bool:
     except OSError as e:
         if e.errno == errno.EINTR:
             raise
-        print(f"histodist.shard: warning: {path}: cannot lock ({e.strerror}); this file system "
-              "has no locks, so tasks ending together may each write the manifest",
-              file=sys.stderr)  # fmt: skip
+        warn(
+            f"{path}: cannot lock ({e.strerror}); this file system has no locks, so tasks "
+            "ending together may each write the manifest"
+        )
         return False
     return True
 

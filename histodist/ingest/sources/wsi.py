@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import functools
 import multiprocessing
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from histodist.errors import UsageError
+from histodist.errors import UsageError, warn
 from histodist.ingest.slides import annotations as ann
 from histodist.ingest.slides.reader import SlideError, open_slide, slide_files
 from histodist.ingest.slides.survey import SlideJob, TilingOptions, load_tiles, survey
@@ -149,10 +148,9 @@ def scan(src: Path, opts: SourceOptions) -> Scan:
         if rec.get("error"):
             rejected[rec["path"]] = rec["error"]
         elif rec["tiles"] == 0:
-            print(f"histodist.shard: warning: {rec['path']}: no tissue found, no tiles",
-                  file=sys.stderr)  # fmt: skip
+            warn(f"{rec['path']}: no tissue found, no tiles")
     for path, reason in rejected.items():
-        print(f"histodist.shard: warning: rejected slide {path}: {reason}", file=sys.stderr)
+        warn(f"rejected slide {path}: {reason}")
     good = [r for r in records if not r.get("error") and r["tiles"] > 0]
     if not good:
         raise SourceError(f"{src}: no tiles: every slide was rejected or has no tissue (above)")
@@ -246,8 +244,10 @@ def find_annotations(folder: Path, ids: dict[str, str]) -> dict[str, str]:
         else:
             found[sid] = str(p)
     if orphans:
-        print(f"histodist.shard: warning: {orphans[0]}: annotations for a slide not in --src "
-              f"(ignored; {len(orphans)} such files)", file=sys.stderr)  # fmt: skip
+        warn(
+            f"{orphans[0]}: annotations for a slide not in --src (ignored; {len(orphans)} "
+            "such files)"
+        )
     return found
 
 
