@@ -180,3 +180,15 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 15
     assert (run / "explain-valid-top-losses.png").is_file()
     assert (run / "export" / "model.onnx").is_file()
+
+
+def test_benchmarks_default_to_the_team_copy_else_the_sample(tmp_path, monkeypatch):
+    """`python -m histodist.bench ...` without --data runs on a fresh clone: the sample."""
+    from histodist import samples
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert Path(samples.bench_images()).resolve() == EXAMPLES / "pcam-mini"
+    assert Path(samples.bench_images("train")).resolve() == EXAMPLES / "pcam-mini" / "train"
+    (tmp_path / "shared" / "data" / "pcam-jpeg" / "train").mkdir(parents=True)
+    assert samples.bench_images("train") == "../shared/data/pcam-jpeg/train"

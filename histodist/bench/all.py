@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from histodist.bench.common import machine_info, table, write_json
+from histodist.samples import TEAM_PCAM, bench_images
 
 SUITES = ("shard", "loader", "train")
 
@@ -29,8 +30,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--suites", default=",".join(SUITES), help="comma list of suites to run")
-    p.add_argument("--data", default="../shared/data/pcam-jpeg",
-                   help="images as <split>/<class>/*.jpg (train, valid)")  # fmt: skip
+    p.add_argument("--data", default=bench_images(),
+                   help="images as <split>/<class>/*.jpg (train, valid; default: "
+                   f"{TEAM_PCAM}, else examples/pcam-mini)")  # fmt: skip
     p.add_argument("--shards", default="shards/pcam-sample", help="the same images as shards")
     p.add_argument("--workers", type=int, default=2, help="loader workers (all suites)")
     p.add_argument("--json", default="bench-results/report.json", help="where to write the report")

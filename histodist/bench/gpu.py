@@ -38,6 +38,7 @@ import torch
 
 from histodist.bench.common import PeakMemory, machine_info, measure_interleaved, table
 from histodist.bench.common import write_json as _write_json
+from histodist.samples import bench_images
 
 TARGET_EFFICIENCY, TARGET_AUC, AUC_TOLERANCE, ONNX_TOLERANCE = 0.95, 0.85, 0.002, 1e-3
 GPU = dict(model="resnet50", sizes="96,224", batch_size=256, warmup=8, steps=15, repeats=3,
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.add_argument
     a("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the CI-sized run")
     a("--shards", help="PCam sample shards (default: shard --data into --work)")
-    a("--data", default="../shared/data/pcam-jpeg", help="images as <split>/<class>/*.jpg")
+    a("--data", default=bench_images(), help="images as <split>/<class>/*.jpg")
     a("--work", help="scratch folder for shards and runs (default: a temporary folder)")
     a("--json", default="bench-results/gpu.json", help="where to write the figures")
     a("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))), help="per loader")

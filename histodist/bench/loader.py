@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodist.samples import bench_images
+
 
 def _rate(batches: Iterable, num_batches: int, warmup: int, work=None) -> dict:
     """images/s over num_batches after `warmup` batches (worker start-up, buffer fill)."""
@@ -217,7 +219,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shards", default="shards/pcam-sample", help="shard folder (manifest.json)")
     p.add_argument("--split", default="train")
-    p.add_argument("--image-folder", default="../shared/data/pcam-jpeg/train",
+    p.add_argument("--image-folder", default=bench_images("train"),
                    help="the same images as an ImageFolder tree, for the baseline (c)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)

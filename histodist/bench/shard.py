@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histodist.samples import bench_images
+
 
 def _cpu() -> float:
     """CPU seconds of this process and its reaped children (the shard workers)."""
@@ -139,7 +141,7 @@ def throughput(src: Path, tmp: Path, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m histodist.bench shard", description=__doc__)
-    p.add_argument("--src", default="../shared/data/pcam-jpeg", help="pcam-jpeg style folder")
+    p.add_argument("--src", default=bench_images(), help="pcam-jpeg style folder")
     p.add_argument("--workers", default="1,2", help="comma list of worker counts for (a)")
     p.add_argument("--limit", type=int, default=2000, help="images for the encoding comparison")
     p.add_argument("--json", help="also write the figures to this file")

@@ -42,6 +42,7 @@ from histodist.bench.common import (
     table,
     write_json,
 )
+from histodist.samples import bench_images
 
 # CI-sized mode: a tiny model on 32 px inputs, a few steps, a few seconds of time to accuracy.
 QUICK = dict(model="small-cnn", image_size=32, batch_size=16, warmup=1, steps=1, repeats=2,
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     a = p.add_argument
     a("--shards", default="shards/pcam-sample", help="shard folder for (b)")
-    a("--data", default="../shared/data/pcam-jpeg", help="the same images as train/ and valid/ "
+    a("--data", default=bench_images(), help="the same images as train/ and valid/ "
       "ImageFolder trees, for (c) and the validation subset")  # fmt: skip
     a("--model", default="resnet18", help="histodist model name (timm name or seed model)")
     a("--image-size", type=int, default=96, help="model input size (96 or 224)")

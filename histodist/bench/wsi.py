@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from histodist.bench.common import machine_info, table, write_json
+from histodist.samples import bench_images
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SLIDE = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
-DEFAULT_PCAM = ROOT.parent / "shared" / "data" / "pcam-jpeg"
 
 
 def synthetic_pyramid(path: Path, pcam: Path, side: int, mpp: float = 0.25) -> Path:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m histodist.bench wsi", description=__doc__.split("\n")[0]
     )
     p.add_argument("--slide", type=Path, default=DEFAULT_SLIDE, help="a real slide")
-    p.add_argument("--pcam", type=Path, default=DEFAULT_PCAM, help="pcam-jpeg, for the pyramid")
+    p.add_argument("--pcam", type=Path, default=bench_images(), help="pcam-jpeg style folder, "
+                   "for the pyramid")  # fmt: skip
     p.add_argument("--side", type=int, default=8192, help="synthetic slide side in px (8192)")
     p.add_argument("--mpp", type=float, default=0.5)
     p.add_argument("--tile-size", type=int, default=224)
