@@ -326,6 +326,10 @@ def test_missing_manifest_says_how_to_make_shards(tmp_path):
         (lambda m: m["splits"]["train"]["shards"][1].update(num_samples=-1), r"shards\[1\]"),
         (lambda m: m["splits"]["train"].update(class_counts=[1]), "one count per class"),
         (lambda m: m["splits"].update(train=[]), "splits.train needs a 'shards' list"),
+        (
+            lambda m: m["splits"]["valid"]["shards"][0].update(num_samples=1),
+            r"splits.valid.num_samples is \d+, its shards hold \d+",
+        ),
     ],
 )
 def test_manifest_of_the_wrong_schema_is_one_clear_error(shards, tmp_path, breakage, expected):
@@ -564,13 +568,15 @@ def test_every_command_refuses_a_manifest_that_names_a_command(cmd, shards, tmp_
 
 
 def test_manifest_that_undercounts_a_shard_is_refused_while_reading(shards, tmp_path):
-    """train-000000.tar holds 10 samples, the manifest says 6 (the split's total still 24):
-    the epoch used to leave 4 unread and repeat 4 others; the reader now stops, naming it."""
+    """train-000000.tar holds 10 samples, the manifest says 6 (and the split 20, so that the
+    manifest agrees with itself): the epoch used to leave 4 unread and repeat 4 others; the
+    reader now stops, naming it."""
     import shutil
 
     shutil.copytree(shards, tmp_path / "u")
     m = json.loads((tmp_path / "u" / "manifest.json").read_text())
     m["splits"]["train"]["shards"][0]["num_samples"] = 6
+    m["splits"]["train"]["num_samples"] -= 4
     (tmp_path / "u" / "manifest.json").write_text(json.dumps(m))
     expected = "train-000000.tar: holds more samples than the 6 manifest.json says"
     for seed in (0, 1, 2):  # other seeds cut the shard into other pieces

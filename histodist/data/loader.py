@@ -145,6 +145,9 @@ def _manifest_problem(m) -> str | None:
                 return f"{where}.shards[{i}] needs a 'name'"
             if not _count(e.get("num_samples")):
                 return f"{where}.shards[{i}].num_samples must be a non-negative integer"
+        held = sum(e["num_samples"] for e in split["shards"])
+        if held != split["num_samples"]:  # the epoch plan counts one, the readers the other
+            return f"{where}.num_samples is {split['num_samples']}, its shards hold {held}"
     return None
 
 
