@@ -45,9 +45,9 @@ def offline_line(run, why: str | None = None) -> str:
     """The one line an offline W&B run prints (wandb's own banner and footer, a dozen lines
     and a history table, are silenced by quiet_settings): why it is offline, where its files
     are and the command that uploads them."""
-    where = Path(run.settings.sync_dir)
-    if where.is_relative_to(Path.cwd()):
-        where = where.relative_to(Path.cwd())
+    from histodist.samples import shown
+
+    where = shown(Path(run.settings.sync_dir))
     because = f" ({why})" if why else ""
     return (
         f"wandb: offline{because}, run saved in {where}; to upload it: `wandb login`, then "
