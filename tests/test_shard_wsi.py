@@ -239,7 +239,8 @@ def test_bad_annotations_and_flags_are_one_line_errors(tmp_path, pcam_jpeg, caps
     assert len(err) == 2 and "a.geojson: feature 0" in err[1] and "3 distinct points" in err[1]
     assert not (tmp_path / "o").exists()
     for bad in (["--magnification", "20", "--mpp", "0.5"], ["--label-coverage", "0.5"],
-                ["--magnification", "twenty"]):  # fmt: skip
+                ["--magnification", "twenty"], ["--magnification", "inf"],
+                ["--label-coverage", "3", "--annotations", notes]):  # fmt: skip
         assert run("--dataset", "wsi", "--src", src, "--out", tmp_path / "o", *bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert run("--dataset", "wsi", "--src", src, "--out", tmp_path / "o", "--min-tissue", "2") == 2

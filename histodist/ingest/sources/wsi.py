@@ -88,7 +88,9 @@ class WsiOptions:
 
 
 def wsi_options(args, rank) -> WsiOptions:
-    """The wsi options from histodist.shard's flags (raises UsageError for bad values)."""
+    """The wsi options from histodist.shard's (or embed's) parsed flags: single values are
+    checked as they are parsed (shard.add_wsi_flags); this raises UsageError for the
+    combinations."""
     if args.mpp is not None and args.magnification is not None:
         raise UsageError("--mpp and --magnification: give one (--magnification M is 10/M µm/px)")
     mpp = 0.5 if args.mpp is None else args.mpp
@@ -97,14 +99,10 @@ def wsi_options(args, rank) -> WsiOptions:
     tile = 224 if args.tile_size is None else args.tile_size
     min_tissue = 0.5 if args.min_tissue is None else args.min_tissue
     coverage = 0.5 if args.label_coverage is None else args.label_coverage
-    checks = [(mpp > 0, "--mpp must be > 0"), (tile >= 8, "--tile-size must be >= 8"),
-              (0 <= min_tissue <= 1, "--min-tissue must be in [0, 1]"),
-              (0 < coverage <= 1, "--label-coverage must be in (0, 1]"),
-              (args.assume_mpp is None or args.assume_mpp > 0, "--assume-mpp must be > 0"),
-              (args.label_coverage is None or args.annotations, "--label-coverage needs --annotations")]  # fmt: skip
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
+    if coverage > 1:
+        raise UsageError("--label-coverage must be in (0, 1]")
+    if args.label_coverage is not None and not args.annotations:
+        raise UsageError("--label-coverage needs --annotations")
     tiling = TilingOptions(mpp, tile, min_tissue, args.assume_mpp)
     return WsiOptions(tiling, args.out, args.labels, args.annotations, coverage, args.workers,
                       rank.rank, rank.world)  # fmt: skip
@@ -115,7 +113,7 @@ def _magnification(text: str) -> float:
         m = float(text.lower().removesuffix("x"))
     except ValueError:
         m = float("nan")
-    if not m > 0:
+    if not 0 < m < float("inf"):
         raise UsageError(f"--magnification {text}: expected a number such as 20 or 40x")
     return m
 
