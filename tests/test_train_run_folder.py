@@ -130,3 +130,20 @@ def test_a_refused_random_state_is_said_in_one_line(trained, tiny_pcam_shards, t
     assert not marker.exists()
     said = [line for line in capsys.readouterr().out.splitlines() if "random_states_0" in line]
     assert len(said) == 1 and "not restored" in said[0] and "bitwise" in said[0], said
+
+
+def test_a_resumed_run_log_drops_the_partial_line_of_a_killed_run(tmp_path):
+    """A run killed (or out of disk) mid-write leaves half a JSON line at the end of
+    metrics.jsonl; the resumed run's lines used to follow it on the same line, and every
+    reader of the file (json per line) failed there."""
+    from types import SimpleNamespace
+
+    from histodist.training.tracking import RunLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 0.7}\n{"step": 2, "train/lo')
+    log = RunLog(SimpleNamespace(is_main_process=True), tmp_path, use_wandb=False)
+    log.log({"train/loss": 0.5}, step=2)
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["step"], x["train/loss"]) for x in lines] == [(1, 0.7), (2, 0.5)]

@@ -73,6 +73,18 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def drop_partial_line(path: Path) -> None:
+    """Cut the partial last line a run killed mid-write leaves in `path`, so that a resumed
+    run appends whole JSON lines after whole JSON lines (readers parse line by line)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class RunLog:
     """One logging front for the training loop. Call on every rank; only the main process
     writes. `log(values, step)` appends one JSON line and forwards to W&B when enabled."""
@@ -83,6 +95,8 @@ class RunLog:
         self.use_wandb = use_wandb
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        if self.main:
+            drop_partial_line(self.path)
         self._fh = open(self.path, "a", buffering=1) if self.main else None  # noqa: SIM115
         self.t0 = time.time()
         run = self.wandb_run()
