@@ -116,13 +116,16 @@ def warn(message: str) -> None:
     """One warning line on stderr, `histodist.<cmd>: warning: ...`, named after the running
     command: code shared by several commands (the slide tiler runs in shard and embed) says
     which one is speaking."""
-    sys.stderr.write(f"{command()}: warning: {' '.join(message.split())}\n")
-    sys.stderr.flush()
+    _line(f"{command()}: warning:", message)
 
 
 def _say(prog: str, message: str, code: int) -> int:
-    # One write per line (print writes the newline apart): ranks that share a log and fail
-    # together must not interleave their lines.
-    sys.stderr.write(f"histodist.{prog}: error: {' '.join(message.split())}\n")
-    sys.stderr.flush()
+    _line(f"histodist.{prog}: error:", message)
     return code
+
+
+def _line(prefix: str, message: str) -> None:
+    # One line (the message's newlines and runs of spaces collapsed), in one write (print
+    # writes the newline apart): ranks that share a log and fail together must not interleave.
+    sys.stderr.write(f"{prefix} {' '.join(message.split())}\n")
+    sys.stderr.flush()
