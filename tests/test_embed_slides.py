@@ -420,3 +420,28 @@ def test_the_tilers_warnings_name_the_command_that_runs_it(slides, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.startswith("histodist")]  # no progress bars
     assert lines[0] == "histodist.embed: warning: white.tif: no tissue found, no tiles", lines
     assert lines[-1].startswith("histodist.embed: error: ") and "no tiles" in lines[-1], lines
+
+
+def test_a_rerun_on_fewer_slides_removes_only_its_own_shards(slides, tmp_path):
+    """embed --slides into a folder that also holds the user's files: a re-run on fewer
+    slides removes the shard (and record) of the slide it dropped, never a user's `.tar` (it
+    used to delete every *.tar not in its plan)."""
+    d, _, _, model = slides
+    src = tmp_path / "src"
+    src.mkdir()
+    names = sorted(p.name for p in (d / "slides").glob("*.tif") if p.stem != "white")[:2]
+    for n in names:
+        (src / n).symlink_to(d / "slides" / n)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "backup-000001.tar").write_bytes(b"the user's archive")
+    argv = ["--model", model, "--slides", str(src), "--out", str(out), *FAST,
+            "--batch-size", "16", "--no-progress", "--workers", "1"]  # fmt: skip
+    assert embed.main(argv) == 0
+    assert {p.name for p in out.glob("*.tar")} == {"backup-000001.tar"} | {
+        Path(n).stem + ".tar" for n in names}  # fmt: skip
+    (src / names[1]).unlink()
+    assert embed.main(argv) == 0
+    dropped = Path(names[1]).stem + ".tar"
+    assert not (out / dropped).exists() and not (out / ".shardinfo" / f"{dropped}.json").exists()
+    assert (out / "backup-000001.tar").read_bytes() == b"the user's archive"

@@ -14,6 +14,7 @@ too, into a folder of their own.
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import time
@@ -37,11 +38,11 @@ from histodist.inference.slide_embed import (
     plan,
     scan_slides,
 )
+from histodist.ingest import outdir
 from histodist.ingest.slides import sharding
 from histodist.ingest.slides.ranks import Rank
 from histodist.ingest.sources import Item, Scan
 from histodist.ingest.sources.wsi import WsiOptions
-from histodist.ingest.writer import INFO_DIR
 from histodist.version import version_string
 
 RANKS_DIR = ".ranks"  # each rank's throughput of its last run, read by the manifest's writer
@@ -74,7 +75,7 @@ def embed_slides(folder: SlideFolder, out: Path, backbone: Backbone, *, device, 
     out/manifest.json), or None when another rank writes it."""
     rank, opts = rank or Rank(), opts or Options()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
+    outdir.start(outdir.survey(out))  # an interrupted run must not look complete
     scan, splits = folder.scan, folder.splits
     units = plan(scan, splits, backbone.identity, folder.wsi)
     engine = Engine(backbone, torch.device(device), autocast)
@@ -93,7 +94,7 @@ def embed_slides(folder: SlideFolder, out: Path, backbone: Backbone, *, device, 
     blocks = {"tiling": folder.wsi.record(opts.magnification, scan.extra["labelled_by"]),
               "throughput": throughput(out, rank.world, key)}  # fmt: skip
     manifest = build_manifest(scan, splits, units, records, backbone, folder.src, opts, blocks)
-    _remove_stale(out, {u.name for u in units})
+    _remove_stale(out, {u.name for u in units})  # the writer's files only, never the user's
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
@@ -220,11 +221,10 @@ def _split(recs: list[dict], items: list[Item], scan: Scan) -> dict:
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:
-    """Shards of slides no longer in the plan (and their records), and temporary files an
-    interrupted run left."""
-    for p in out.glob("*.tar"):
-        if p.name not in names:
+    """Shards of slides no longer in the plan (those with the writer's record, and their
+    records: histodist.ingest.outdir's rule, so a user's file is never deleted), and the
+    temporary files an interrupted run left of this plan's shards."""
+    outdir.remove_stale(outdir.survey(out), names)
+    for name in names:
+        for p in out.glob(f".{glob.escape(name)}.*.tmp"):  # atomic_path's temporary names
             p.unlink(missing_ok=True)
-            (out / INFO_DIR / f"{p.name}.json").unlink(missing_ok=True)
-    for p in out.glob(".*.tar.*.tmp"):  # atomic_path's temporary names of shards
-        p.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""What `histodist.shard` may replace or delete in its `--out` folder: only what it wrote.
+"""What `histodist.shard` (and `histodist.embed --slides`) may replace or delete in its
+`--out` folder: only what it wrote.
 
 The writer owns, in `--out`:
 - `.shardinfo/`, its records (one per complete shard, written before the shard is renamed
