@@ -34,13 +34,7 @@ from histodist.data import bags, embeddings
 from histodist.data import loader as data
 from histodist.errors import UsageError, fraction, integer, positive, run_cli
 from histodist.fileio import atomic_path, atomic_write, file_digest
-from histodist.inference.backbone import (  # noqa: F401  (embed.preprocessing ...: callers')
-    build_record,
-    describe,
-    load_backbone,
-    preprocessing,
-    source_info,
-)
+from histodist.inference.backbone import build_record, describe, load_backbone
 from histodist.ingest.writer import INFO_DIR, finished_record
 from histodist.models import features
 from histodist.version import version_string

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from histodist import embed, hub
 from histodist.config import ModelConfig
 from histodist.errors import HistodistError
+from histodist.inference import backbone
 from histodist.models import FeatureError, build_model, check_model_name, features
 
 # config.json as published (architecture, model_args) by paige-ai/Virchow, paige-ai/Virchow2
@@ -268,11 +269,11 @@ def test_known_preprocessing_comes_from_the_card_or_config(tmp_path, folders):
     for name, fam, want in ((f"local-dir:{gp}", "prov-gigapath", ("bicubic", 0.875)),
                             (f"local-dir:{folders['virchow2']}", "auto", ("bicubic", 1.0))):  # fmt: skip
         model = build_model(ModelConfig(model=name, family=fam), num_classes=0)
-        pre = embed.preprocessing(model, flags)
+        pre = backbone.preprocessing(model, flags)
         assert (pre["interpolation"], pre["crop_pct"], pre["crop_mode"]) == (*want, "center")
         over = argparse.Namespace(image_size=48, interpolation="bilinear", crop_pct=0.9,
                                   crop_mode="squash")  # fmt: skip
-        pre = embed.preprocessing(model, over)
+        pre = backbone.preprocessing(model, over)
         assert [pre[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")] == [
             48, "bilinear", 0.9, "squash"]  # fmt: skip
 
@@ -287,12 +288,12 @@ def test_embed_records_the_revision_the_name_pins(tmp_path, folders, monkeypatch
     hf_cache(root, "paige-ai/Virchow2", folders["virchow2"], revision=main)
     hf_cache(root, "paige-ai/Virchow2", other, revision=pinned, ref=None)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
-    assert embed.source_info("hf-hub:paige-ai/Virchow2")["revision"] == main
+    assert backbone.source_info("hf-hub:paige-ai/Virchow2")["revision"] == main
     args = embed.build_parser().parse_args(
         ["--model", f"hf-hub:paige-ai/Virchow2@{pinned}", "--shards", "S", "--out", "O"]
     )
-    model = embed.load_backbone(args)
+    model = backbone.load_backbone(args)
     assert _same_weights(model, other)
-    ident = embed.describe(model, args)
+    ident = backbone.describe(model, args)
     assert ident["revision"] == pinned and ident["requested_revision"] == pinned
     assert ident["repo"] == "paige-ai/Virchow2" and ident["family"] == "virchow2"
