@@ -322,10 +322,9 @@ def samples_per_shard(
     scan: Scan, items: list[Item], requested: int | None, num_samples: int | None = None
 ) -> int:
     """At most this many samples per shard: --samples-per-shard, or ~SHARD_BYTES per shard
-    but at least MIN_SHARDS per split (of `num_samples`, default one per item)."""
+    but at least MIN_SHARDS per split (of `num_samples`, default one per item). `requested`
+    is >= 1: the flag is checked as it is parsed."""
     if requested is not None:
-        if requested < 1:
-            raise UsageError(f"--samples-per-shard {requested}: must be >= 1")
         return requested
     if isinstance(scan.reader, FileReader) and items:
         probe = [Path(scan.reader.root) / it.source for it in items[:: max(1, len(items) // 200)]]
